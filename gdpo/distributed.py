@@ -1,7 +1,7 @@
 """Process group + DeepSpeed engine: everything distributed lives in this one module.
 
 `python train.py` runs as a world of one without a launcher: `init_distributed` fills in the env a
-launcher would set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT on a free port). Under
+launcher would set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, and MASTER_PORT from a store bound to port 0). Under
 `deepspeed` / `torchrun` those variables already exist and are used as they are.
 
 Why engine start-up is fast on CPU: DeepSpeed's torch comm backend (`deepspeed/comm/torch.py`,
@@ -21,7 +21,6 @@ import functools
 import logging
 import math
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import NamedTuple
@@ -42,13 +41,6 @@ class DistInfo:
     backend: str  # "gloo" on CPU, "nccl" on GPU
 
 
-def free_port() -> int:
-    """A TCP port that was free a moment ago (for MASTER_PORT of a world of one)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _device_for(local_rank: int) -> torch.device:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -62,12 +54,11 @@ def init_distributed(*, timeout_minutes: float = 30.0, cpu_shm_comm: bool = Fals
     cpu_shm_comm: allow DeepSpeed's shared-memory CPU all-reduce (JIT-compiles for ~1-2 min on first use;
     only worth it for multi-process CPU runs with large gradients).
     """
+    launched = "WORLD_SIZE" in os.environ and "MASTER_PORT" in os.environ
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_port())
     local_rank = int(os.environ["LOCAL_RANK"])
     device = _device_for(local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -78,6 +69,13 @@ def init_distributed(*, timeout_minutes: float = 30.0, cpu_shm_comm: bool = Fals
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if device.type == "cpu" and not cpu_shm_comm:
         deepspeed.ops.__compatible_ops__[_SHM_OP_NAME] = False  # see the module docstring
+    if not launched and not dist.is_initialized():
+        # A world of one: the store binds port 0 itself, so the OS picks a free port atomically (choosing a
+        # "free" port first and binding it later races with other processes' ephemeral ports).
+        store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timedelta(minutes=timeout_minutes))
+        os.environ["MASTER_PORT"] = str(store.port)
+        dist.init_process_group(backend, store=store, rank=0, world_size=1,
+                                timeout=timedelta(minutes=timeout_minutes))
     if not ds_comm.is_initialized():
         deepspeed.init_distributed(
             dist_backend=backend,
@@ -176,10 +174,12 @@ def deepspeed_config(
                 "betas": list(betas),
                 "eps": eps,
                 "weight_decay": weight_decay,
-                # torch.optim.AdamW: no JIT build; CPU offload needs DeepSpeed's CPUAdam instead.
-                "torch_adam": not offload_optimizer,
+                # torch.optim.AdamW: no JIT build. Offloading on a GPU machine uses DeepSpeed's CPUAdam (fast,
+                # compiled once); without CUDA the same maths runs in torch's AdamW rather than a 2-minute build.
+                "torch_adam": not (offload_optimizer and torch.cuda.is_available()),
             },
         },
+        "zero_force_ds_cpu_optimizer": bool(offload_optimizer and torch.cuda.is_available()),
         "zero_optimization": zero,
         "bf16": {"enabled": bool(bf16)},
         "zero_allow_untested_optimizer": True,
@@ -247,6 +247,25 @@ def build_engine(
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
     )
     return engine
+
+
+def engine_forward(engine, fn, *args, **kwargs):
+    """`fn(engine.module, *args, **kwargs)`, run as the module's forward through `DeepSpeedEngine.forward`.
+
+    Training forwards must go through the engine: DeepSpeed (0.19) does per-micro-batch bookkeeping there, and
+    ZeRO-3 without it lets the gradients of micro-batches 2.. overwrite the earlier ones instead of accumulating
+    (parameters off by ~2 lr per step; ZeRO-0/2 happen to be unaffected). Our forward is not the HF model's
+    (token_logprobs runs the decoder, then the LM head in chunks), so the module's forward is swapped for `fn`
+    for the one call. A plain module (no engine) is called directly.
+    """
+    if not hasattr(engine, "module"):
+        return fn(engine, *args, **kwargs)
+    module = engine.module
+    module.forward = functools.partial(fn, module)  # an instance attribute shadows the class's forward
+    try:
+        return engine(*args, **kwargs)
+    finally:
+        del module.forward
 
 
 class StepStats(NamedTuple):

@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,9 +16,24 @@ torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
-    import pytest
-
     skip_gpu = pytest.mark.skip(reason="needs CUDA")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher_env_leaks():
+    """In-process tests make this process a world of one, which sets the launcher variables (MASTER_PORT is
+    the port of a store this process still holds). Take them out again after each test, so a subprocess started
+    later (train.py, a torchrun rank) does not inherit them and try to bind that port."""
+    before = {k: os.environ.get(k) for k in _LAUNCHER_VARS}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

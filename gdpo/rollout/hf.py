@@ -111,14 +111,22 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = No
     return ids, mask
 
 
-def _gathered_params(model: torch.nn.Module):
-    """Under ZeRO-3 each forward would gather every layer per token; gather once for the whole call."""
+def _gathered_params(model: torch.nn.Module, engine=None):
+    """Under ZeRO-3 a forward fetches each layer's parameters and frees them right after, and the module hooks
+    do so even inside GatheredParameters: every generated token would all-gather the whole model again. With
+    the DeepSpeed engine at hand, gather everything once and take the ZeRO-3 hooks off for the call
+    (DeepSpeed's `unwrap_model_for_generation`); the full weights are freed again on exit. Memory: one full
+    copy of the weights per rank while generating."""
     params = [p for p in model.parameters() if hasattr(p, "ds_id")]
     if not params:
         return contextlib.nullcontext()
+    if engine is not None:
+        from deepspeed.runtime.zero import unwrap_model_for_generation
+
+        return unwrap_model_for_generation(engine)
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)  # still fetches per token (no hooks off)
 
 
 class HFRolloutEngine:
@@ -136,6 +144,7 @@ class HFRolloutEngine:
         """generation_batch_size: rows (prompts x G) per `generate` call, rounded down to whole groups
         (at least one group); None = all rows at once. share_prompt_prefill: see the module docstring.
         A DeepSpeed engine may be passed for `model`: its HF module is used."""
+        self.engine = model if hasattr(model, "module") else None  # a DeepSpeed engine (see _gathered_params)
         model = getattr(model, "module", model)
         self.model = model
         self.tokenizer = tokenizer
@@ -154,6 +163,8 @@ class HFRolloutEngine:
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """No-op: generation runs on the training model object, so it always has the current weights."""
+        if hasattr(model, "module"):
+            self.engine = model
         self.model = getattr(model, "module", model)
 
     def _processors(self) -> tuple[LogitsProcessorList, _SampledLogprobs | None]:
@@ -253,7 +264,7 @@ class HFRolloutEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with _gathered_params(self.model):
+            with _gathered_params(self.model, self.engine):
                 parts = [
                     self._generate_chunk([list(p) for p in prompt_ids[i : i + per_call]], n, device)
                     for i in range(0, len(prompt_ids), per_call)
