@@ -1,0 +1,286 @@
+"""Benchmark registry and loading: a name -> a list of `Problem`s (id, problem text, accepted answers).
+
+Every built-in benchmark has a local JSONL file name (looked up in the data directory: `--data-dir`, else
+the env var GDPO_EVAL_DATA_DIR) and a hub dataset id (loaded through `datasets` when no data directory is
+set, or with `--hub`). Local files use the fields of `../shared/data` (id, problem, answer, optional
+answers / solution); hub rows are mapped with each benchmark's own field names.
+
+Answers (every benchmark is graded with math-verify on the final ``\\boxed{}`` answer, see gdpo.rewards.math):
+- `minerva`: the `answers` list holds every accepted form; a response matching any of them is correct.
+- `olympiad`: rows with is_multiple_answer carry several comma-separated answers in one string, e.g.
+  ``$(1,2),(3,4)$``. The whole string is one reference: math-verify parses both it and the response's
+  boxed answer as a set / tuple, so the response must give all of them (in any order) to count.
+- `gsm8k`: integer answers (thousands commas removed); on the hub the answer is the text after ``####``.
+  Its extraction also accepts a trailing ``#### 42`` when the response has no ``\\boxed{}``.
+
+Custom benchmarks: ``--benchmarks mine=path/to/file.jsonl`` (or just a path ending in .jsonl, named after
+the file), with ``--fields problem=question,answer=target`` when its field names differ.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+DATA_DIR_ENV = "GDPO_EVAL_DATA_DIR"
+FIELD_KEYS = ("id", "problem", "answer", "answers", "solution")
+
+
+class EvalInputError(Exception):
+    """Bad user input (unknown benchmark, missing file, bad field...): the CLI prints it as one line, exit 2."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    problem: str
+    references: tuple[str, ...]  # accepted final answers; any may match
+    solution: str | None = None
+    row: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)  # the raw row (oracle fields)
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    description: str
+    filename: str | None = None  # in the data directory
+    path: str | None = None  # custom benchmarks: an explicit file
+    hub_id: str | None = None
+    hub_config: str | None = None
+    hub_split: str = "test"
+    # our key -> the row's field; local files use the shared-data names, hub rows their own.
+    hub_fields: Mapping[str, str] = field(default_factory=dict)
+    fields: Mapping[str, str] = field(default_factory=lambda: {k: k for k in FIELD_KEYS})
+    hub_answer_format: str = "plain"  # "gsm8k": the answer is the text after the last "####"
+    fallbacks: tuple[str, ...] = ("answer_tag", "answer_is")  # answer extraction after \boxed{}, in order
+
+
+def _bm(name, description, filename, hub_id, hub_split="test", hub_config=None, hub_fields=None, **kw) -> Benchmark:
+    return Benchmark(name, description, filename=filename, hub_id=hub_id, hub_split=hub_split, hub_config=hub_config,
+                     hub_fields=hub_fields or {}, **kw)
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    b.name: b
+    for b in [
+        _bm("aime24", "AIME 2024 I+II (30)", "aime2024.jsonl", "HuggingFaceH4/aime_2024", "train"),
+        _bm("aime25", "AIME 2025 I+II (30)", "aime2025.jsonl", "yentinglin/aime_2025", "train"),
+        _bm("amc23", "AMC 12A/B 2023, Qwen2.5-Math's amc23 (40)", "amc2023.jsonl", "math-ai/amc23", "test",
+            hub_fields={"problem": "question"}),
+        _bm("amc", "AMC 12 2022+2023, DeepScaleR's 'AMC' (83)", "amc_2022_2023_rllm.jsonl",
+            "AI-MO/aimo-validation-amc", "train"),
+        _bm("math500", "MATH-500 (500)", "math500.jsonl", "HuggingFaceH4/MATH-500", "test",
+            hub_fields={"id": "unique_id"}),
+        _bm("minerva", "Minerva Math (272)", "minerva.jsonl", "math-ai/minervamath", "test",
+            hub_fields={"problem": "question"}),
+        _bm("olympiad", "OlympiadBench, English text-only math (675)", "olympiadbench.jsonl",
+            "math-ai/olympiadbench", "test", hub_fields={"problem": "question", "answer": "final_answer"}),
+        _bm("gsm8k", "GSM8K test (1319)", "gsm8k_test.jsonl", "openai/gsm8k", "test", hub_config="main",
+            hub_fields={"problem": "question"}, hub_answer_format="gsm8k",
+            fallbacks=("answer_tag", "answer_is", "hashes")),
+    ]
+}
+
+# Hub datasets disagree on field names; these are tried after the benchmark's own mapping.
+_CANDIDATES = {
+    "id": ("id", "unique_id", "idx"),
+    "problem": ("problem", "question", "prompt"),
+    "answer": ("answer", "final_answer", "ground_truth"),
+    "answers": ("answers",),
+    "solution": ("solution",),
+}
+
+
+def parse_fields(spec: str | None) -> dict[str, str]:
+    """``problem=question,answer=target`` -> {"problem": "question", "answer": "target"}.
+
+    >>> parse_fields("problem=question, answer=gt")
+    {'problem': 'question', 'answer': 'gt'}
+    >>> parse_fields("prompt=q")
+    Traceback (most recent call last):
+    ...
+    gdpo.eval.benchmarks.EvalInputError: --fields: unknown key 'prompt'; allowed: id, problem, answer, answers, solution
+    """
+    out: dict[str, str] = {}
+    for part in (spec or "").split(","):
+        if not part.strip():
+            continue
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not value:
+            raise EvalInputError(f"--fields: expected key=field, got {part.strip()!r}")
+        if key not in FIELD_KEYS:
+            raise EvalInputError(f"--fields: unknown key {key!r}; allowed: {', '.join(FIELD_KEYS)}")
+        out[key] = value
+    return out
+
+
+def resolve_benchmarks(spec: str, fields: Mapping[str, str] | None = None) -> list[Benchmark]:
+    """Comma-separated names, ``name=file.jsonl`` or ``file.jsonl`` -> benchmarks (custom ones get `fields`).
+
+    >>> [b.name for b in resolve_benchmarks("aime24, amc,mine=x/y.jsonl,z/test_set.jsonl")]
+    ['aime24', 'amc', 'mine', 'test_set']
+    >>> resolve_benchmarks("aime2024")
+    Traceback (most recent call last):
+    ...
+    gdpo.eval.benchmarks.EvalInputError: unknown benchmark 'aime2024' (did you mean 'aime24'?); known: aime24, aime25, amc23, amc, math500, minerva, olympiad, gsm8k, or name=file.jsonl
+    """
+    out: list[Benchmark] = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        name, sep, path = item.partition("=")
+        if not sep and item.endswith(".jsonl"):
+            name, path = Path(item).stem, item
+        if sep or item.endswith(".jsonl"):
+            name, path = name.strip(), path.strip()
+            if not name or not path:
+                raise EvalInputError(f"bad custom benchmark {item!r}; expected name=path/to/file.jsonl")
+            custom = {k: k for k in FIELD_KEYS}
+            custom.update(fields or {})
+            out.append(Benchmark(name, f"custom: {path}", path=path, fields=custom))
+            continue
+        if name not in BENCHMARKS:
+            close = difflib.get_close_matches(name, list(BENCHMARKS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise EvalInputError(
+                f"unknown benchmark {name!r}{hint}; known: {', '.join(BENCHMARKS)}, or name=file.jsonl"
+            )
+        out.append(BENCHMARKS[name])
+    if not out:
+        raise EvalInputError("no benchmark given (--benchmarks aime24,amc,...)")
+    names = [b.name for b in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise EvalInputError(f"benchmark {dup[0]!r} given twice")
+    return out
+
+
+def default_data_dir() -> str | None:
+    return os.environ.get(DATA_DIR_ENV) or None
+
+
+def _read_jsonl(path: Path, bench: str) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvalInputError(f"benchmark {bench!r}: {path} line {lineno} is not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise EvalInputError(f"benchmark {bench!r}: {path} line {lineno} is not a JSON object")
+            rows.append(row)
+    return rows
+
+
+def _load_hub(b: Benchmark) -> list[dict]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(b.hub_id, b.hub_config, split=b.hub_split)
+    except Exception as e:  # noqa: BLE001 - network, auth, missing dataset: all one line for the user
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EvalInputError(
+            f"benchmark {b.name!r}: cannot load hub dataset {b.hub_id!r} ({msg}); "
+            f"or point --data-dir (or {DATA_DIR_ENV}) at a directory holding {b.filename}"
+        ) from None
+    return [dict(r) for r in ds]
+
+
+def _field(row: Mapping, key: str, mapping: Mapping[str, str], hub: bool) -> Any:
+    names = [mapping[key]] if key in mapping else []
+    if hub:
+        names += [n for n in _CANDIDATES[key] if n not in names]
+    for n in names:
+        if n in row and row[n] is not None:
+            return row[n]
+    return None
+
+
+def _gsm8k_answer(text: str) -> str:
+    """The text after the last ``####``, thousands commas removed.
+
+    >>> _gsm8k_answer("so 3 + 4 = 7\\n#### 1,007")
+    '1007'
+    """
+    return text.rsplit("####", 1)[-1].strip().replace(",", "")
+
+
+def _as_refs(value: Any) -> tuple[str, ...]:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for v in values:
+        if v is None:
+            continue
+        if isinstance(v, float) and v.is_integer():  # hub AMC answers are floats: 27.0 -> "27"
+            v = int(v)
+        s = str(v).strip()
+        if s:
+            out.append(s)
+    return tuple(dict.fromkeys(out))
+
+
+def rows_to_problems(rows: Sequence[Mapping], b: Benchmark, *, hub: bool, where: str) -> list[Problem]:
+    """Map raw rows to problems; a row without problem or answer, or a repeated id, is an input error."""
+    mapping = b.hub_fields if hub else b.fields
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    for i, row in enumerate(rows):
+        text = _field(row, "problem", mapping, hub)
+        answers = _field(row, "answers", mapping, hub)
+        answer = _field(row, "answer", mapping, hub)
+        if hub and b.hub_answer_format == "gsm8k" and answer is not None:
+            answer = _gsm8k_answer(str(answer))
+        refs = _as_refs(answers) if answers else ()
+        refs = refs or _as_refs(answer)
+        for key, value in (("problem", text), ("answer", refs)):
+            if not value:
+                fld = mapping.get(key, key)
+                raise EvalInputError(
+                    f"benchmark {b.name!r}: {where} row {i + 1} has no {key!r} field ({fld!r}); "
+                    f"its fields: {', '.join(map(str, row))}; map it with --fields {key}=<field>"
+                )
+        pid = _field(row, "id", mapping, hub)
+        pid = str(i) if pid is None else str(pid)
+        if pid in seen:
+            raise EvalInputError(f"benchmark {b.name!r}: {where} has the id {pid!r} twice; ids must be unique")
+        seen.add(pid)
+        sol = _field(row, "solution", mapping, hub)
+        problems.append(Problem(pid, str(text), refs, None if sol is None else str(sol), dict(row)))
+    if not problems:
+        raise EvalInputError(f"benchmark {b.name!r}: {where} has no rows")
+    return problems
+
+
+def benchmark_source(b: Benchmark, data_dir: str | os.PathLike | None, hub: bool = False) -> tuple[str, bool]:
+    """(where the rows come from: a file path or a hub id, whether it is the hub)."""
+    if b.path is not None:
+        return str(b.path), False
+    if hub or data_dir is None:
+        return f"{b.hub_id}" + (f":{b.hub_config}" if b.hub_config else "") + f"[{b.hub_split}]", True
+    return str((Path(data_dir) / b.filename).resolve()), False
+
+
+def load_problems(
+    b: Benchmark, data_dir: str | os.PathLike | None, *, hub: bool = False, limit: int | None = None
+) -> list[Problem]:
+    """The benchmark's problems in file order (the first `limit` of them if given)."""
+    where, from_hub = benchmark_source(b, data_dir, hub)
+    if from_hub:
+        rows = _load_hub(b)
+    else:
+        path = Path(where)
+        if not path.is_file():
+            how = "" if b.path else f" (set --data-dir or {DATA_DIR_ENV} to the directory holding {b.filename})"
+            raise EvalInputError(f"benchmark {b.name!r}: data file {path} not found{how}")
+        rows = _read_jsonl(path, b.name)
+    problems = rows_to_problems(rows, b, hub=from_hub, where=where)
+    return problems[:limit] if limit else problems
+
