@@ -97,6 +97,9 @@ class RolloutConfig:
     """Prompts per training step (across all ranks); the batch is prompts_per_step x group_size rollouts."""
     max_new_tokens: int = rng(256, 1)
     """Longest completion; longer ones are truncated (and flagged)."""
+    min_new_tokens: int = rng(0, 0)
+    """EOS / stop token ids are suppressed before this many completion tokens (0 = off). Benchmarks use it to
+    force fixed-length completions; it shifts samples away from the policy, so leave it 0 for real training."""
     temperature: float = rng(1.0, 0.0, lo_open=True)
     """Sampling temperature (also applied to the trainer's log-probs so the ratio compares like with like)."""
     top_p: float = rng(1.0, 0.0, 1.0, lo_open=True)
@@ -443,6 +446,9 @@ def _validate(cfg: Config) -> None:
             if cur in seen:
                 raise ConfigError(f"rewards: conditions form a cycle: {' -> '.join(seen + [cur])}")
             seen.append(cur)
+    if cfg.rollout.min_new_tokens > cfg.rollout.max_new_tokens:
+        raise ConfigError(f"rollout.min_new_tokens: {cfg.rollout.min_new_tokens} exceeds rollout.max_new_tokens "
+                          f"{cfg.rollout.max_new_tokens}")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas: got {cfg.optim.betas}, expected two numbers in [0, 1)")
     if cfg.loss.minibatch_size and cfg.loss.micro_batch_size and cfg.loss.minibatch_size % cfg.loss.micro_batch_size:

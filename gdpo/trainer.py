@@ -144,7 +144,7 @@ def train(cfg: Config) -> dict[str, float]:
     model_path = cfg.model.name_or_path
     system_prompt, data_path = cfg.data.system_prompt, cfg.data.path
     if model_path == "demo" or data_path == "demo":
-        from gdpo.demo import SYSTEM_PROMPT, TRAIN_FILE, warm_start
+        from gdpo.demo import DEMO, TRAIN_FILE, warm_start
 
         if model_path == "demo":
             if dist.is_main():
@@ -153,7 +153,8 @@ def train(cfg: Config) -> dict[str, float]:
             model_path = str(run_dir / "sft")
         if data_path == "demo":
             data_path = str(TRAIN_FILE)
-            system_prompt = system_prompt if system_prompt is not None else SYSTEM_PROMPT
+            # the warm start saw no system turn, so by default RL prompts have none either
+            system_prompt = system_prompt if system_prompt is not None else DEMO.system_prompt
     if not (Path(model_path).exists() or "/" in model_path):
         raise ConfigError(f"model.name_or_path: {model_path!r} is neither a local directory nor a hub id")
     try:
@@ -224,6 +225,7 @@ def train(cfg: Config) -> dict[str, float]:
     policy = engine.module
     sampling = SamplingParams(
         max_new_tokens=cfg.rollout.max_new_tokens,
+        min_new_tokens=cfg.rollout.min_new_tokens,
         temperature=cfg.rollout.temperature,
         top_p=cfg.rollout.top_p,
         top_k=cfg.rollout.top_k,

@@ -217,6 +217,7 @@ class HFRolloutEngine:
         # Fresh config: every field we do not set stays neutral (no repetition penalty, no top-k 50 default).
         gen_config = GenerationConfig(
             max_new_tokens=s.max_new_tokens,
+            min_new_tokens=s.min_new_tokens,  # generate suppresses eos_token_id before that
             do_sample=s.temperature > 0,
             temperature=1.0,  # the warpers are ours (see _processors); these keep generate's own off
             top_k=0,

@@ -19,6 +19,7 @@ class SamplingParams:
     """How completions are drawn; the same fields map onto `generate` (hf) and vLLM's SamplingParams."""
 
     max_new_tokens: int = 256
+    min_new_tokens: int = 0  # EOS / stop ids are suppressed before this many tokens (benchmarks: fixed lengths)
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0  # 1 = off
     top_k: int = 0  # 0 = off
@@ -29,6 +30,8 @@ class SamplingParams:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -420,6 +420,7 @@ class VLLMRolloutEngine:
             top_p=s.top_p,
             top_k=s.top_k,  # 0 = off in both
             max_tokens=s.max_new_tokens,
+            min_tokens=s.min_new_tokens,  # suppresses EOS and stop_token_ids before that many tokens
             ignore_eos=True,  # EOS handling is ours: stop_token_ids below (see the module docstring)
             stop_token_ids=list(self.eos_ids),
             stop=list(s.stop_strings) or None,
