@@ -37,3 +37,14 @@ def _no_launcher_env_leaks():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(autouse=True)
+def _no_zero3_linear_leak():
+    """Building a ZeRO-3 engine replaces torch.nn.functional.linear for the whole process (DeepSpeed's
+    memory-efficient linear, whose backward rounds differently from torch's). Put torch's back after each test,
+    so a later in-process run trains exactly as a fresh process does (test_resume_equals_uninterrupted compares
+    the two bit for bit)."""
+    linear = torch.nn.functional.linear
+    yield
+    torch.nn.functional.linear = linear

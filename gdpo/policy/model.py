@@ -110,6 +110,55 @@ def _chunk_logprobs(
     return logp, ent
 
 
+def _prompt_runs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Consecutive rows with the same prompt (a GRPO group): first row of each run [u] and run of each row [B]."""
+    _, run, counts = torch.unique_consecutive(
+        torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], 1), dim=0, return_inverse=True, return_counts=True
+    )
+    return counts.cumsum(0) - counts, run
+
+
+def _completion_hidden(hf_model, decoder, input_ids, attention_mask, position_ids, P: int) -> torch.Tensor:
+    """[B, T, H] last hidden states at columns P-1 .. P+T-2 (column P-1+t predicts completion token t).
+
+    The last column predicts nothing we score, so the body only runs columns 0..P+T-2. Rows that repeat the
+    row above's prompt (the G rollouts of a prompt) share its prompt: the prompt columns run once per run of
+    equal prompts, their KV cache is indexed out to every row, and only the completion columns run per row.
+    The same function of the same inputs as one forward over [B, P + T - 1] (attention sees the same keys and
+    values), for (G-1)/G less prompt compute in forward and backward; gradients flow through the shared cache.
+    Not used with gradient checkpointing (HF turns the cache off in train mode then) or for a lone row per prompt.
+    """
+    from transformers import DynamicCache
+
+    L = input_ids.shape[1] - 1
+    firsts, run = _prompt_runs(input_ids[:, :P], attention_mask[:, :P])
+    checkpointing = getattr(hf_model, "is_gradient_checkpointing", False) and hf_model.training
+    if P < 2 or len(firsts) == len(run) or checkpointing:
+        out = decoder(input_ids=input_ids[:, :L], attention_mask=attention_mask[:, :L],
+                      position_ids=position_ids[:, :L], use_cache=False)
+        return out.last_hidden_state[:, P - 1 :]
+    pre = decoder(  # the u distinct prompts [u, P]
+        input_ids=input_ids[firsts, :P],
+        attention_mask=attention_mask[firsts, :P],
+        position_ids=position_ids[firsts, :P],
+        past_key_values=DynamicCache(config=hf_model.config),
+        use_cache=True,
+    )
+    first_hidden = pre.last_hidden_state[run, -1:]  # [B, 1, H]: column P-1 predicts completion token 0
+    if L == P:
+        return first_hidden
+    cache = pre.past_key_values
+    cache.batch_select_indices(run)  # [u, ...] -> [B, ...] (differentiable indexing)
+    rest = decoder(
+        input_ids=input_ids[:, P:L],
+        attention_mask=attention_mask[:, :L],
+        position_ids=position_ids[:, P:L],
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return torch.cat([first_hidden, rest.last_hidden_state], dim=1)  # [B, T, H]
+
+
 def token_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,  # [B, P + T]
@@ -133,14 +182,7 @@ def token_logprobs(
     if T < 1:
         raise ValueError(f"no completion tokens: input width {input_ids.shape[1]} <= prompt_len {P}")
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, P + T]
-    # The last column predicts nothing we score, so the body only needs columns 0..P+T-2.
-    out = decoder(
-        input_ids=input_ids[:, :-1],
-        attention_mask=attention_mask[:, :-1],
-        position_ids=position_ids[:, :-1],
-        use_cache=False,
-    )
-    hidden = out.last_hidden_state[:, P - 1 :]  # [B, T, H]: column P-1+t predicts completion token t
+    hidden = _completion_hidden(hf_model, decoder, input_ids, attention_mask, position_ids, P)  # [B, T, H]
     targets = input_ids[:, P:]  # [B, T]
     use_ckpt = torch.is_grad_enabled() and hidden.requires_grad
     logps, ents = [], []

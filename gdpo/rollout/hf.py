@@ -1,22 +1,25 @@
-"""Rollouts with `transformers.generate`: all prompts x G samples in one left-padded batch (or in chunks).
+"""Rollouts from the live HF policy: all prompts x G samples in one left-padded batch (or in chunks).
 
 Design notes
+- A lean decode loop instead of `transformers.generate`: one model call per token with a KV cache, the sampling
+  maths, and nothing else. On a small model `generate`'s per-token machinery (input preparation, processor and
+  stopping-criteria plumbing, cache-position bookkeeping) costs as much as the model itself; the loop below does
+  the same computation as `generate(do_sample=...)` with our warpers (softmax + `torch.multinomial`, or argmax).
+  On `sdpa` models, one-token steps use `_decode_attention` (no copy of the KV cache per step, see there).
 - The sampling distribution is exactly temperature -> top-k -> top-p over the model's logits. The
-  checkpoint's own generation_config.json (e.g. Qwen's repetition_penalty=1.05, top_k=20) is NOT
-  applied: RL needs samples from the policy whose log-probs the loss uses. We pass a fresh
-  GenerationConfig and our own warpers, so nothing is filled in from the model or global defaults.
-- Stopping: `generate` stops a row on any EOS id (the tokenizer's, the checkpoint generation
-  config's, `stop_token_ids`); `_StopTracker`
-  additionally stops it when its completion text contains a stop string, and records the step at
-  which each row ended, which gives the completion mask (up to and including the stop token)
-  without rescanning the tokens afterwards.
-- Sampling log-probs (optional): `_SampledLogprobs` sits last in the logits-processor chain, so it
-  sees the final sampling scores; it keeps only one [rows, V] log-softmax alive and gathers the
-  sampled token's log-prob from it on the next step (the sampled token is then the last input id).
+  checkpoint's own generation_config.json (e.g. Qwen's repetition_penalty=1.05, top_k=20) is never read:
+  RL needs samples from the policy whose log-probs the loss uses.
+- Stopping: a row stops on any EOS id (the tokenizer's, the checkpoint generation config's,
+  `stop_token_ids`); `_StopTracker` additionally stops it when its completion text contains a stop string,
+  and records the step at which each row ended, which gives the completion mask (up to and including the
+  stop token) without rescanning the tokens afterwards. `min_new_tokens` masks the EOS ids before that many
+  tokens (fixed-length rollouts for benchmarks).
+- Sampling log-probs (optional): log-softmax of the final sampling scores, gathered at the sampled token.
   Greedy (temperature 0) has no warpers: the log-probs are then those of the temperature-1 policy.
 - Shared prompt prefill (`share_prompt_prefill`, on by default): each prompt's first P-1 tokens
-  are run once, the KV cache is repeated G times, and `generate` continues from it (it only runs
+  are run once, the KV cache is repeated G times, and decoding continues from it (the first step runs
   the uncached last prompt token). Prefill is compute-bound on CPU, so this removes (G-1)/G of it.
+- The KV cache is reserved for P + T positions up front (`_ReservedLayer`) instead of growing by `cat`.
 - KV cache on, eval mode (dropout off, and gradient checkpointing would otherwise switch the cache
   off), no autograd. Under ZeRO-3 the parameters are gathered once for the whole call.
 """
@@ -28,45 +31,12 @@ import time
 from typing import Sequence
 
 import torch
-from transformers import (
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
-    StoppingCriteria,
-    StoppingCriteriaList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from gdpo.rollout.types import RolloutBatch, SamplingParams
 
 
-class _SampledLogprobs(LogitsProcessor):
-    """Records log p(sampled token) under the processed scores; must be the last processor."""
-
-    def __init__(self):
-        self.prev: torch.Tensor | None = None  # [rows, V] log-softmax of the previous step's scores
-        self.cols: list[torch.Tensor] = []  # per generated token: [rows]
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.prev is not None:  # the token sampled from self.prev is now input_ids[:, -1]
-            self.cols.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
-        self.prev = torch.log_softmax(scores.float(), dim=-1)
-        return scores
-
-    def result(self, completion_ids: torch.Tensor) -> torch.Tensor:
-        """[rows, T] for the T generated tokens (the last one is gathered here)."""
-        T = completion_ids.shape[1]
-        if len(self.cols) < T and self.prev is not None:
-            self.cols.append(
-                self.prev.gather(1, completion_ids[:, len(self.cols) : len(self.cols) + 1]).squeeze(1)
-            )
-        self.prev = None
-        return torch.stack(self.cols[:T], dim=1)
-
-
-class _StopTracker(StoppingCriteria):
+class _StopTracker:
     """Ends rows on EOS ids or stop strings and remembers each row's completion length at its end."""
 
     def __init__(
@@ -97,6 +67,111 @@ class _StopTracker(StoppingCriteria):
                     done[hit] = True
         self.end = torch.where((self.end < 0) & done, torch.full_like(self.end, cur), self.end)
         return self.end >= 0
+
+
+def _reserve_cache(cache, capacity: int):
+    """Swap each plain `DynamicLayer` of `cache` for a `_ReservedLayer` of `capacity` positions (same contents)."""
+    from transformers.cache_utils import DynamicLayer
+
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer:
+            filled = layer.is_initialized and layer.keys.numel() > 0
+            cache.layers[i] = _ReservedLayer(capacity, *((layer.keys, layer.values) if filled else ()))
+    return cache
+
+
+def _reserved_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        """A `DynamicLayer` that writes new positions into buffers reserved for the whole rollout: `cat` would
+        reallocate (and page-fault) every layer's whole cache at every step, which on a small model costs more
+        than the step's attention. `keys` / `values` are views of the filled part [B, H, n, D], as before."""
+
+        def __init__(self, capacity: int, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
+            super().__init__()
+            self.capacity = capacity
+            self._k = self._v = None
+            if keys is not None:
+                self.update(keys, values)
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            n = self.get_seq_length()
+            m = n + key_states.shape[-2]
+            if self._k is None or m > self._k.shape[-2]:  # first write, or past the reservation: (re)allocate
+                size = max(self.capacity, m)
+                k = key_states.new_empty((*key_states.shape[:2], size, key_states.shape[-1]))
+                v = value_states.new_empty((*value_states.shape[:2], size, value_states.shape[-1]))
+                if n:
+                    k[:, :, :n], v[:, :, :n] = self.keys, self.values
+                self._k, self._v = k, v
+                self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+            self._k[:, :, n:m] = key_states
+            self._v[:, :, n:m] = value_states
+            self.keys, self.values = self._k[:, :, :m], self._v[:, :, :m]
+            return self.keys, self.values
+
+    return ReservedLayer
+
+
+_ReservedLayer = _reserved_layer_class()
+
+
+_DECODE_ATTN = "gdpo_decode_sdpa"
+
+
+def _decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """`sdpa`, except for one-token decoding with grouped KV heads: there two batched matmuls per layer.
+
+    query [B, Hq, 1, D], key / value [B, Hkv, L, D] (the whole cache), attention_mask bool [B, 1, 1, L] or None.
+    With a padding mask, HF's sdpa path first copies the whole cache Hq / Hkv times (`repeat_kv`) and then runs
+    the flash kernel for a single query row; both cost more than the attention itself on CPU. Here the query
+    heads that share a KV head are stacked (head h reads KV head h // rep, as in repeat_kv), which needs no copy.
+    Returns [B, 1, Hq, D], as sdpa does.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    B, Hq, q_len, D = query.shape
+    Hkv = key.shape[1]
+    if q_len != 1 or Hq == Hkv or dropout or kwargs.get("softcap") or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    scaling = D**-0.5 if scaling is None else scaling
+    q = query.reshape(B, Hkv, Hq // Hkv, D)  # [B, Hkv, rep, D]
+    scores = torch.matmul(q, key.transpose(-1, -2)) * scaling  # [B, Hkv, rep, L]
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        else:
+            scores = scores + attention_mask
+    probs = torch.softmax(scores.float(), dim=-1).to(value.dtype)
+    out = torch.matmul(probs, value)  # [B, Hkv, rep, D]
+    return out.reshape(B, Hq, 1, D).transpose(1, 2), None
+
+
+def _register_decode_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(_DECODE_ATTN, _decode_attention)
+    AttentionMaskInterface.register(_DECODE_ATTN, sdpa_mask)  # the same masks as sdpa
+
+
+_register_decode_attention()
+
+
+@contextlib.contextmanager
+def _decode_attention_on(model: torch.nn.Module):
+    """Use `_decode_attention` for the duration of a rollout when the model runs on `sdpa`."""
+    config = model.config
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        yield
+        return
+    config._attn_implementation = _DECODE_ATTN
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = None):
@@ -167,7 +242,8 @@ class HFRolloutEngine:
             self.engine = model
         self.model = getattr(model, "module", model)
 
-    def _processors(self) -> tuple[LogitsProcessorList, _SampledLogprobs | None]:
+    def _processors(self) -> LogitsProcessorList:
+        """The sampling warpers, in vLLM's order: temperature -> top-k -> top-p (none when greedy)."""
         s = self.sampling
         procs = LogitsProcessorList()
         if s.temperature > 0:
@@ -177,10 +253,7 @@ class HFRolloutEngine:
                 procs.append(TopKLogitsWarper(top_k=s.top_k))
             if s.top_p < 1.0:
                 procs.append(TopPLogitsWarper(top_p=s.top_p))
-        recorder = _SampledLogprobs() if s.return_logprobs else None
-        if recorder is not None:
-            procs.append(recorder)
-        return procs, recorder
+        return procs
 
     def _prefix_cache(self, ids: torch.Tensor, mask: torch.Tensor, n: int):
         """KV cache of the first P-1 columns of the u unique prompts [u, P], repeated n times per prompt."""
@@ -201,53 +274,65 @@ class HFRolloutEngine:
 
     @torch.no_grad()
     def _generate_chunk(self, prompts: list[list[int]], n: int, device: torch.device):
-        """One `generate` call for n samples of each prompt.
+        """n samples of each prompt, decoded token by token with a KV cache (the module docstring says why
+        this is not `generate`).
 
         Returns completion ids [u*n, Tc], lengths [u*n], truncated [u*n], logprobs [u*n, Tc] | None.
         """
+        from transformers import DynamicCache
+
         s = self.sampling
-        uniq_ids, uniq_mask = _left_pad(prompts, self.pad_id)  # [u, Pc]
+        uniq_ids, uniq_mask = _left_pad(prompts, self.pad_id)  # [u, P]
         uniq_ids, uniq_mask = uniq_ids.to(device), uniq_mask.to(device)
-        input_ids = uniq_ids.repeat_interleave(n, dim=0)  # [u*n, Pc], groups contiguous
-        attention_mask = uniq_mask.repeat_interleave(n, dim=0)
-        rows, prompt_len = input_ids.shape
-        extra = {}
-        if self.share_prompt_prefill and n > 1 and prompt_len > 1:
-            extra["past_key_values"] = self._prefix_cache(uniq_ids, uniq_mask, n)
-        # Fresh config: every field we do not set stays neutral (no repetition penalty, no top-k 50 default).
-        gen_config = GenerationConfig(
-            max_new_tokens=s.max_new_tokens,
-            min_new_tokens=s.min_new_tokens,  # generate suppresses eos_token_id before that
-            do_sample=s.temperature > 0,
-            temperature=1.0,  # the warpers are ours (see _processors); these keep generate's own off
-            top_k=0,
-            top_p=1.0,
-            eos_token_id=list(self.eos_ids),
-            pad_token_id=self.pad_id,
-            use_cache=True,
-        )
-        procs, recorder = self._processors()
-        tracker = _StopTracker(
-            prompt_len, rows, torch.tensor(self.eos_ids, device=device), s.stop_strings, self.tokenizer
-        )
-        saved_config = self.model.generation_config
-        self.model.generation_config = GenerationConfig()  # keep the checkpoint's sampling defaults out
-        try:
-            sequences = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                generation_config=gen_config,
-                logits_processor=procs,
-                stopping_criteria=StoppingCriteriaList([tracker]),
-                **extra,
+        rows, P, T = len(prompts) * n, uniq_ids.shape[1], s.max_new_tokens
+        # Preallocated [rows, P + T]: the sequences grow in place; every generated column is attended to (a
+        # finished row keeps receiving pad tokens, as in `generate`; the completion mask drops them later).
+        seq = torch.full((rows, P + T), self.pad_id, dtype=torch.long, device=device)
+        seq[:, :P] = uniq_ids.repeat_interleave(n, dim=0)  # groups contiguous
+        mask = torch.ones((rows, P + T), dtype=torch.long, device=device)
+        mask[:, :P] = uniq_mask.repeat_interleave(n, dim=0)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # [rows, P + T], left padding ignored
+        if self.share_prompt_prefill and n > 1 and P > 1:
+            cache, start = self._prefix_cache(uniq_ids, uniq_mask, n), P - 1  # only the last prompt column left
+        else:
+            cache, start = DynamicCache(config=self.model.config), 0
+        cache = _reserve_cache(cache, P + T)
+        eos = torch.tensor(self.eos_ids, device=device)  # [E]
+        procs = self._processors()
+        tracker = _StopTracker(P, rows, eos, s.stop_strings, self.tokenizer)
+        running = torch.ones(rows, dtype=torch.bool, device=device)  # [rows]
+        logps: list[torch.Tensor] = []  # per token: [rows]
+        width = P  # filled columns of seq
+        for t in range(T):
+            out = self.model(
+                input_ids=seq[:, start:width],
+                attention_mask=mask[:, :width],
+                position_ids=positions[:, start:width],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
             )
-        finally:
-            self.model.generation_config = saved_config
-        completion = sequences[:, prompt_len:]  # [rows, Tc]
+            cache, start = out.past_key_values, width
+            scores = out.logits[:, -1].float()  # [rows, V]
+            if t < s.min_new_tokens:
+                scores[:, eos] = -float("inf")
+            scores = procs(seq[:, :width], scores)  # temperature -> top-k -> top-p
+            if s.temperature > 0:
+                nxt = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)  # [rows]
+            else:
+                nxt = scores.argmax(-1)
+            if s.return_logprobs:
+                logps.append(torch.log_softmax(scores, dim=-1).gather(1, nxt[:, None]).squeeze(1))
+            seq[:, width] = torch.where(running, nxt, torch.full_like(nxt, self.pad_id))
+            width += 1
+            running &= ~tracker(seq[:, :width], scores)
+            if not running.any():
+                break
+        completion = seq[:, P:width]  # [rows, Tc]
         Tc = completion.shape[1]
         truncated = tracker.end < 0  # [rows]
         lengths = torch.where(truncated, torch.full_like(tracker.end, Tc), tracker.end).clamp(max=Tc)
-        logprobs = recorder.result(completion) if recorder is not None else None
+        logprobs = torch.stack(logps, dim=1) if s.return_logprobs else None
         return completion, lengths, truncated, logprobs
 
     def generate(self, prompt_ids: list[list[int]], n: int) -> RolloutBatch:
@@ -265,7 +350,7 @@ class HFRolloutEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            with _gathered_params(self.model, self.engine):
+            with _gathered_params(self.model, self.engine), _decode_attention_on(self.model):
                 parts = [
                     self._generate_chunk([list(p) for p in prompt_ids[i : i + per_call]], n, device)
                     for i in range(0, len(prompt_ids), per_call)
