@@ -309,12 +309,15 @@ def main() -> None:
                 t0 = time.perf_counter()
                 p = subprocess.run(_worker_cmd(fw, s, model_dir, prompts, work), cwd=ROOT, env=env,
                                    capture_output=True, text=True)
-                if p.returncode != 0:
-                    err = [ln for ln in (p.stderr or p.stdout).strip().splitlines() if ln.strip()]
-                    failed[fw] = err[-1] if err else f"exit code {p.returncode}"
+                if p.returncode != 0:  # record the exception and the frame that raised it
+                    err = [ln.removeprefix("[rank0]:").strip() for ln in (p.stderr + p.stdout).splitlines()]
+                    exc = [ln for ln in err if ln.split(":")[0].endswith(("Error", "Exception"))]
+                    where = [ln for ln in err if ln.startswith("File ")]
+                    failed[fw] = (exc[-1] if exc else f"exit code {p.returncode}") + (
+                        f" (raised at {where[-1]})" if where else "")
                     print(f"round {rnd + 1}: {fw} FAILED: {failed[fw]}", flush=True)
                     (ROOT / "runs").mkdir(exist_ok=True)
-                    (ROOT / "runs" / f"vs_trl_{fw}_error.log").write_text(p.stdout + "\n" + p.stderr)
+                    (ROOT / "runs" / f"vs_trl_{fw}_error.log").write_text(p.stdout + "\n" + p.stderr)  # full log
                     continue
                 out = json.loads((work / f"{fw}.json").read_text())
                 results[fw] += out["steps"]

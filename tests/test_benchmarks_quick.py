@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -13,3 +15,25 @@ def test_advantage_benchmark_quick():
     )
     assert p.returncode == 0, p.stderr
     assert "eager" in p.stdout and "copy" in p.stdout and "command: python benchmarks/advantage.py --quick" in p.stdout
+
+
+def test_vs_trl_benchmark_quick():
+    pytest.importorskip("trl")
+    p = subprocess.run(
+        [sys.executable, "benchmarks/vs_trl.py", "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 0, p.stderr[-4000:]
+    out = p.stdout
+    # the table: a header and one row per framework: step, generate, reward, update (s), peak RSS, tokens per row
+    assert "framework" in out and "generate" in out and "peak RSS MB" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()[:1] in (["gdpo"], ["trl"])}
+    assert set(rows) == {"gdpo", "trl"}
+    for fw, cells in rows.items():
+        step, gen, reward, update, rss, tokens = map(float, cells)
+        assert step > 0 and gen > 0 and reward >= 0 and update > 0 and rss > 100, (fw, cells)
+        assert gen < step and update < step, (fw, cells)
+        assert tokens == 8.0  # exactly --quick's 8 new tokens per completion in both frameworks
+    ratio = [line for line in out.splitlines() if line.startswith("ratio gdpo / TRL: step ")]
+    assert len(ratio) == 1 and float(ratio[0].split()[5]) > 0
+    assert "max |gdpo - TRL| =" in out and "(OK)" in out
+    assert "command: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vs_trl.py --quick" in out

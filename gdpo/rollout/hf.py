@@ -19,7 +19,7 @@ Design notes
 - Shared prompt prefill (`share_prompt_prefill`, on by default): each prompt's first P-1 tokens
   are run once, the KV cache is repeated G times, and decoding continues from it (the first step runs
   the uncached last prompt token). Prefill is compute-bound on CPU, so this removes (G-1)/G of it.
-- The KV cache is reserved for P + T positions up front (`_ReservedLayer`) instead of growing by `cat`.
+- The KV cache is reserved for P + T positions up front (`ReservedLayer`) instead of growing by `cat`.
 - KV cache on, eval mode (dropout off, and gradient checkpointing would otherwise switch the cache
   off), no autograd. Under ZeRO-3 the parameters are gathered once for the whole call.
 """
@@ -27,6 +27,7 @@ Design notes
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from typing import Sequence
 
@@ -70,17 +71,19 @@ class _StopTracker:
 
 
 def _reserve_cache(cache, capacity: int):
-    """Swap each plain `DynamicLayer` of `cache` for a `_ReservedLayer` of `capacity` positions (same contents)."""
+    """Swap each plain `DynamicLayer` of `cache` for a `ReservedLayer` of `capacity` positions (same contents)."""
     from transformers.cache_utils import DynamicLayer
 
     for i, layer in enumerate(cache.layers):
         if type(layer) is DynamicLayer:
             filled = layer.is_initialized and layer.keys.numel() > 0
-            cache.layers[i] = _ReservedLayer(capacity, *((layer.keys, layer.values) if filled else ()))
+            cache.layers[i] = _reserved_layer_class()(capacity, *((layer.keys, layer.values) if filled else ()))
     return cache
 
 
+@functools.cache
 def _reserved_layer_class():
+    """`ReservedLayer`, defined at first use (transformers.cache_utils is heavy to import)."""
     from transformers.cache_utils import DynamicLayer
 
     class ReservedLayer(DynamicLayer):
@@ -112,9 +115,6 @@ def _reserved_layer_class():
             return self.keys, self.values
 
     return ReservedLayer
-
-
-_ReservedLayer = _reserved_layer_class()
 
 
 _DECODE_ATTN = "gdpo_decode_sdpa"
@@ -149,15 +149,14 @@ def _decode_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     return out.reshape(B, Hq, 1, D).transpose(1, 2), None
 
 
+@functools.cache
 def _register_decode_attention() -> None:
+    """Once per process, at the first rollout (the imports are heavy)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(_DECODE_ATTN, _decode_attention)
     AttentionMaskInterface.register(_DECODE_ATTN, sdpa_mask)  # the same masks as sdpa
-
-
-_register_decode_attention()
 
 
 @contextlib.contextmanager
@@ -167,6 +166,7 @@ def _decode_attention_on(model: torch.nn.Module):
     if getattr(config, "_attn_implementation", None) != "sdpa":
         yield
         return
+    _register_decode_attention()
     config._attn_implementation = _DECODE_ATTN
     try:
         yield
