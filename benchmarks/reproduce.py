@@ -1,8 +1,7 @@
 """Does GDPO beat GRPO when there are several rewards? A small-scale reproduction on the embedded CPU task.
 
-    python benchmarks/reproduce.py                       # full study: 3 estimators x 5 seeds, ~45 min on 2 cores
-    python benchmarks/reproduce.py --quick               # smoke test: 3 estimators x 2 seeds, a few steps
-    python benchmarks/reproduce.py --report docs/results.md   # also write the markdown report (+ PNGs beside it)
+    python benchmarks/reproduce.py --steps 100    # the study in docs/results.md: 3 estimators x 5 seeds, ~25 min
+    python benchmarks/reproduce.py --quick        # smoke test: 3 estimators x 2 seeds, 3 steps (~1 min)
 
 The task (gdpo/demo/train_hard.jsonl): two chained arithmetic operations answered as
 ``<think>…</think>\\n<answer>N</answer>``, so the rewards differ in difficulty as in the paper:
@@ -17,8 +16,8 @@ its own process (one thread each, ``--jobs`` at a time); the report reads their 
 
 What is reported per estimator, over seeds (mean and a 95% t-interval):
 - the final mean of each reward (average of the last ``--tail`` steps of a run);
-- the correctness-conditioned score: the mean of correct x format x short per rollout is not logged, so the
-  score is the conditioned reward itself (short-and-correct), the quantity the paper's Table 3 trades off;
+- the correctness-conditioned score: the conditioned reward itself (short and correct), the quantity the paper's
+  length experiments trade off against correctness;
 - the collapse ratio over training (distinct advantage values per group under GRPO / under the estimator: < 1
   means the estimator separates more reward combinations than GRPO does);
 - whether a run collapsed: a reward that reached >= 0.2 and then stays below 0.02 for the last quarter of training.
@@ -185,11 +184,10 @@ def table(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=60, help="RL steps per run (same for every estimator)")
+    p.add_argument("--steps", type=int, default=100, help="RL steps per run (same for every estimator)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--tail", type=int, default=10, help="final value = mean over the last N steps")
     p.add_argument("--out", default="runs/reproduce", help="output directory (runs, warm start, PNG, JSON)")
-    p.add_argument("--report", default=None, help="also write a markdown report here (PNG beside it)")
     p.add_argument("--quick", action="store_true", help="smoke test: 2 seeds, 3 steps, tiny warm start")
     p.add_argument("--estimators", default=",".join(ESTIMATORS))
     args = p.parse_args(argv)
@@ -229,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     # 3. read, summarise, plot
     runs = {est: {s: read_metrics(out / est / f"seed{s}") for s in range(args.seeds)} for est in estimators}
     summary = summarise(runs, args.tail)
-    png = (Path(args.report).parent if args.report else out) / "reproduce_curves.png"
+    png = out / "reproduce_curves.png"
     plot(runs, png, window=max(1, args.steps // 10))
     minutes = (time.perf_counter() - t_start) / 60
     text = table(summary)
@@ -240,11 +238,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: {command.strip()}")
     (out / "summary.json").write_text(json.dumps({"summary": summary, "minutes": minutes, "steps": args.steps,
                                                   "seeds": args.seeds, "command": command.strip()}, indent=1))
-    if args.report:
-        Path(args.report).write_text(
-            f"<!-- written by `{command.strip()}`; edit the commentary in benchmarks/reproduce.py's caller -->\n"
-            f"{text}\n\n![reward curves]({png.name})\n\nwall time {minutes:.1f} min\n"
-        )
     return 0
 
 
