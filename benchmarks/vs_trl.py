@@ -327,11 +327,12 @@ def main() -> None:
                       f"wall incl. start-up)", flush=True)
 
     par = advantage_parity(s)
-    backend = "vLLM (colocate)" if s.vllm else "HF generate"
+    backend = "vLLM (colocate)" if s.vllm else "HF model generation (gdpo: its KV-cache loop, TRL: generate)"
     print(f"\ngdpo vs TRL GRPOTrainer: {s.prompts} prompts x G={s.group} x {s.new_tokens} new tokens per step, "
           f"{backend}, CPU, 1 thread, fp32; median over {s.steps} steps x {s.rounds} rounds after {s.warmup} "
           f"warm-up steps")
-    print(f"{'framework':10s} {'step s':>8s} {'generate':>9s} {'reward':>8s} {'update':>8s} {'peak RSS MB':>12s} {'tokens/row':>11s}")
+    print(f"{'framework':10s} {'step s':>8s} {'generate':>9s} {'reward':>8s} {'update':>8s} {'peak RSS MB':>12s} "
+          f"{'tokens/row':>11s}")
     med: dict[str, dict[str, float]] = {}
     for fw in frameworks:
         if fw in failed or not results[fw]:
