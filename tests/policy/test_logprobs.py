@@ -145,3 +145,32 @@ def test_logprobs_and_backward_through_deepspeed_engine(zero_stage):
         after = token_logprobs_batched(engine, ids, mask, P, micro_batch_size=2).logprobs
     # One step of gradient ascent on the completions' log-likelihood makes them more likely.
     assert (after * mask[:, P:]).sum() > (lp.detach() * mask[:, P:]).sum()
+
+
+def test_groups_sharing_a_prompt_equal_naive_forward_and_gradients():
+    """Rows that repeat a prompt (a GRPO group) run the prompt once and share its cache: same log-probs, entropy
+    and parameter gradients as the naive full forward of every row."""
+    ids3, mask3, P = _batch(seed=4)
+    order = [0, 0, 0, 1, 1, 2]  # groups of 3, 2 and 1 rows; then give the copies their own completions
+    ids, mask = ids3[order].clone(), mask3[order].clone()
+    g = torch.Generator().manual_seed(5)
+    for r in (1, 2, 4):
+        n = int(mask[r, P:].sum())
+        ids[r, P : P + n] = torch.randint(0, 256, (n,), generator=g)
+    w = torch.randn(len(order), 9, generator=torch.Generator().manual_seed(6))
+
+    naive_model = tiny_model()
+    lp_ref, ent_ref = _naive(naive_model, ids, mask, P)
+    (lp_ref.float() * w).sum().backward()
+
+    model = tiny_model()
+    calls = []  # the decoder's input widths: the shared path runs [3 prompts, P] then [6 rows, T - 1]
+    model.model.register_forward_hook(lambda mod, args, kwargs, out: calls.append(tuple(kwargs["input_ids"].shape)),
+                                      with_kwargs=True)
+    out = token_logprobs(model, ids, mask, P, chunk_size=4, return_entropy=True)
+    assert calls == [(3, P), (6, 8)]
+    torch.testing.assert_close(out.logprobs.double(), lp_ref.detach(), atol=2e-5, rtol=0)
+    torch.testing.assert_close(out.entropy.detach().double(), ent_ref.detach(), atol=2e-5, rtol=0)
+    (out.logprobs * w).sum().backward()
+    for (name, p), p_ref in zip(model.named_parameters(), naive_model.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-4, rtol=1e-3, msg=name)
