@@ -124,7 +124,8 @@ def run_python(
     """Run `source` as ``python -I -S main.py *args`` in a fresh sandbox and return what it did.
 
     `files` are extra files written next to main.py. `site_packages=True` drops ``-S`` so the program can
-    import the installed packages (numpy...), at ~40 ms more start-up per run. `namespaces=False` skips the
+    import the installed packages (numpy...), at ~40 ms more start-up per run; it needs an interpreter outside
+    the world-writable directories (a venv under /tmp is hidden in the sandbox: use the default there). `namespaces=False` skips the
     pid/net/mount namespaces (for comparison; limits and the private uid still apply where possible).
     Never raises for anything the program does.
 
@@ -154,6 +155,10 @@ def run_python(
         status_r, status_w = os.pipe()
         fds += [out_r, out_w, err_r, err_w, status_r, status_w]
         exe = python or sys.executable
+        if not site_packages:
+            # With -S a venv adds nothing, so run the interpreter it links to: a venv's bin/python is a symlink
+            # that may live under /tmp (a checkout there), which the sandbox covers with the run's own directory.
+            exe = os.path.realpath(exe)
         env = {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
             "HOME": "/tmp",
