@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from gdpo.rollout.types import RolloutBatch, SamplingParams
+from gdpo.rollout.types import RolloutBatch, SamplingParams, timing_stats
 
 
 class _StopTracker:
@@ -386,8 +386,6 @@ class HFRolloutEngine:
         texts = self.tokenizer.batch_decode(
             [ids[:L] for ids, L in zip(ids_list, lengths.tolist())], skip_special_tokens=True
         )
-        elapsed = time.perf_counter() - t0
-        n_tokens = int(lengths.sum())
         return RolloutBatch(
             prompt_ids=prompt_ids_t.to(device),
             prompt_mask=prompt_mask.to(device),
@@ -398,9 +396,5 @@ class HFRolloutEngine:
             completion_texts=texts,
             group_size=n,
             sampling_logprobs=logprobs,
-            stats={
-                "rollout/seconds": elapsed,
-                "rollout/tokens_per_second": n_tokens / max(elapsed, 1e-9),
-                "rollout/completion_tokens": float(n_tokens),
-            },
+            stats=timing_stats(time.perf_counter() - t0, lengths),
         )

@@ -14,6 +14,16 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 
 
+def timing_stats(seconds: float, lengths: torch.Tensor) -> dict[str, float]:
+    """The rollout stats every backend logs: wall time, completion tokens [N] summed, and tokens per second."""
+    n_tokens = float(lengths.sum())
+    return {
+        "rollout/seconds": seconds,
+        "rollout/tokens_per_second": n_tokens / max(seconds, 1e-9),
+        "rollout/completion_tokens": n_tokens,
+    }
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How completions are drawn; the same fields map onto `generate` (hf) and vLLM's SamplingParams."""

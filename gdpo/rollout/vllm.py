@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from gdpo.rollout.hf import _left_pad
-from gdpo.rollout.types import RolloutBatch, SamplingParams
+from gdpo.rollout.types import RolloutBatch, SamplingParams, timing_stats
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # Wrapper prefixes that appear in a trainer's parameter names but not in a checkpoint.
@@ -508,8 +508,6 @@ class VLLMRolloutEngine:
         truncated = ~torch.tensor(stopped, dtype=torch.bool)  # [N]
         prompt_ids_t, prompt_mask = _left_pad([p for p in prompts for _ in range(n)], self.pad_id)  # [N, P]
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
-        elapsed = time.perf_counter() - t0
-        n_tokens = int(lengths.sum())
         return RolloutBatch(
             prompt_ids=prompt_ids_t,
             prompt_mask=prompt_mask,
@@ -520,9 +518,5 @@ class VLLMRolloutEngine:
             completion_texts=texts,
             group_size=n,
             sampling_logprobs=logprobs,
-            stats={
-                "rollout/seconds": elapsed,
-                "rollout/tokens_per_second": n_tokens / max(elapsed, 1e-9),
-                "rollout/completion_tokens": float(n_tokens),
-            },
+            stats=timing_stats(time.perf_counter() - t0, lengths),
         )
