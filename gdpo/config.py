@@ -110,6 +110,10 @@ class RolloutConfig:
     """Extra stop strings; the completion keeps the stop string."""
     generation_batch_size: int = rng(0, 0)
     """Sequences generated per ``generate`` call (0 = the whole batch at once)."""
+    hf_fast_decode: bool = True
+    """hf backend: decode Llama-family models (llama, qwen2, qwen3, mistral) with a plain-tensor step on the
+    model's own weights instead of the HF module forward; same maths, less per-token overhead. Other
+    architectures always decode with the HF forward."""
     dynamic_sampling: bool = False
     """Drop groups in which every reward is constant and generate more prompts to refill the batch (DAPO-style,
     but a group whose *sum* is constant is kept: summing hides signal that GDPO keeps)."""

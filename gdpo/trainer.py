@@ -239,6 +239,7 @@ def train(cfg: Config) -> dict[str, float]:
             tokenizer,
             sampling,
             generation_batch_size=cfg.rollout.generation_batch_size or None,
+            fast_decode=cfg.rollout.hf_fast_decode,
             model_path=model_path,
             gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
             tensor_parallel_size=cfg.rollout.vllm_tensor_parallel_size,

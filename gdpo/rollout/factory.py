@@ -18,12 +18,13 @@ def make_rollout_engine(
     sampling: SamplingParams,
     *,
     generation_batch_size: int | None = None,
+    fast_decode: bool = True,
     model_path: str | None = None,
     **vllm_kwargs: Any,
 ) -> RolloutEngine:
     """An `HFRolloutEngine` ("hf") or a colocated `VLLMRolloutEngine` ("vllm").
 
-    generation_batch_size: hf only (vLLM schedules its own batches). model_path: vllm only, the directory
+    generation_batch_size, fast_decode: hf only (vLLM schedules its own batches). model_path: vllm only, the directory
     or hub id vLLM builds the architecture from. vllm_kwargs: `VLLMRolloutEngine` keyword arguments
     (gpu_memory_utilization, tensor_parallel_size, sleep, sync_chunk_mb, sync_timeout_s, seed, ...);
     ignored by hf, so a caller can pass them unconditionally.
@@ -32,7 +33,8 @@ def make_rollout_engine(
     if backend == "hf":
         from gdpo.rollout.hf import HFRolloutEngine
 
-        return HFRolloutEngine(model, tokenizer, sampling, generation_batch_size=generation_batch_size)
+        return HFRolloutEngine(model, tokenizer, sampling, generation_batch_size=generation_batch_size,
+                               fast_decode=fast_decode)
     if backend == "vllm":
         from gdpo.rollout.vllm import VLLMRolloutEngine, vllm_import_error
 

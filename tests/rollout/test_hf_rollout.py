@@ -26,8 +26,10 @@ def _prompts():
 def _engine(model, **kw):
     chunk = kw.pop("generation_batch_size", None)
     share = kw.pop("share_prompt_prefill", True)
+    fast = kw.pop("fast_decode", True)
     return HFRolloutEngine(
-        model, TOK, SamplingParams(**kw), generation_batch_size=chunk, share_prompt_prefill=share
+        model, TOK, SamplingParams(**kw), generation_batch_size=chunk, share_prompt_prefill=share,
+        fast_decode=fast,
     )
 
 
@@ -207,20 +209,25 @@ def test_rows_subset():
     assert sub.sampling_logprobs.shape == (2, batch.completion_ids.shape[1])
 
 
-def test_shared_prefill_runs_each_prompt_once():
+@pytest.mark.parametrize("fast", [False, True])
+def test_shared_prefill_runs_each_prompt_once(fast):
     model = tiny_model(tokenizer=TOK, seed=8)
-    widths = []  # (rows, columns) of every forward through the transformer body
+    widths = []  # (rows, columns) of every forward through the HF transformer body
     model.model.register_forward_pre_hook(
         lambda mod, args, kw: widths.append(tuple(kw["input_ids"].shape)), with_kwargs=True
     )
     prompts = _prompts()
     P = max(len(p) for p in prompts)
-    _engine(model, max_new_tokens=4, temperature=1.0).generate(prompts, n=5)
+    _engine(model, max_new_tokens=4, temperature=1.0, fast_decode=fast).generate(prompts, n=5)
     assert widths[0] == (3, P - 1)  # 3 unique prompts, all but the last prompt token
-    assert widths[1:] == [(15, 1)] * (len(widths) - 1)  # then one new column per step for 15 rows
+    # then one new column per step for 15 rows (the fast decoder's steps do not call the HF body)
+    assert widths[1:] == ([] if fast else [(15, 1)] * 4)
     widths.clear()
-    _engine(model, max_new_tokens=4, temperature=1.0, share_prompt_prefill=False).generate(prompts, n=5)
-    assert widths[0] == (15, P)
+    _engine(model, max_new_tokens=4, temperature=1.0, share_prompt_prefill=False, fast_decode=fast).generate(
+        prompts, n=5
+    )
+    # unshared: every row's whole prompt (HF forward), or its prefill before the fast decoder's steps
+    assert widths == ([(15, P - 1)] if fast else [(15, P)] + [(15, 1)] * 3)
 
 
 def test_generation_under_zero3_gathers_weights():
@@ -231,4 +238,10 @@ def test_generation_under_zero3_gathers_weights():
     assert hasattr(next(engine.module.parameters()), "ds_id")  # partitioned parameters
     expected = _engine(plain, max_new_tokens=6, temperature=0.0).generate(_prompts(), n=2)
     got = _engine(engine.module, max_new_tokens=6, temperature=0.0).generate(_prompts(), n=2)
+    assert torch.equal(expected.completion_ids, got.completion_ids)  # HF forward, weights fetched by the hooks
+    # with the engine (as the trainer passes it): gathered once, hooks off, the fast decoder reads the weights
+    via_engine = _engine(engine, max_new_tokens=6, temperature=0.0)
+    assert via_engine._use_fast_decode(32)
+    got = via_engine.generate(_prompts(), n=2)
     assert torch.equal(expected.completion_ids, got.completion_ids)
+    assert next(engine.module.parameters()).numel() == 0  # partitioned again afterwards
