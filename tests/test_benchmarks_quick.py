@@ -37,3 +37,25 @@ def test_vs_trl_benchmark_quick():
     assert len(ratio) == 1 and float(ratio[0].split()[5]) > 0
     assert "max |gdpo - TRL| =" in out and "(OK)" in out
     assert "command: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vs_trl.py --quick" in out
+
+
+def test_step_floor_benchmark_quick():
+    p = subprocess.run(
+        [sys.executable, "benchmarks/step_floor.py", "--quick", "--trl-step-s", "1.0"], cwd=ROOT,
+        capture_output=True, text=True, timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-4000:]
+    out = p.stdout
+    sec = {}
+    for line in out.splitlines():
+        name, _, val = line.rpartition(" ")
+        if name.startswith(("gen:", "update:")):
+            sec[name.strip()] = float(val)
+    assert set(sec) == {"gen: gdpo (HF rollout engine)", "gen: minimal decode, eager", "gen: GEMMs only",
+                        "update: gdpo (ref + policy fwd/bwd)", "update: GEMMs only"}
+    assert all(v > 0 for v in sec.values()), sec
+    # GEMMs alone are a lower bound of the same work
+    assert sec["gen: GEMMs only"] < sec["gen: gdpo (HF rollout engine)"]
+    assert sec["update: GEMMs only"] < sec["update: gdpo (ref + policy fwd/bwd)"]
+    assert "floor / gdpo:" in out and "ratio to TRL's 1.000 s step:" in out
+    assert "command: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_floor.py --quick" in out

@@ -1,0 +1,265 @@
+"""How far gdpo's training step is from its floor on this CPU, in the vs_trl.py setting.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_floor.py --trl-step-s 2.467   # reference (~3 min)
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_floor.py --quick              # smoke run
+
+The question it answers: how fast could *any* PyTorch implementation of the same step be here? Measured side by
+side in one process (alternating, median over rounds), on the vs_trl.py model (4.1M-parameter Qwen2, fp32, one
+thread) and workload (4 prompts x G=8 x 64 new tokens):
+
+generation
+- gdpo: `HFRolloutEngine.generate` (prefill, the decode loop, sampling, stop tracking);
+- minimal decode, eager: the 64 decode steps written out here as plain tensor code on the same weights (no HF
+  modules, reserved KV cache, GQA attention without copies, inverse-CDF sampling; its logits are checked
+  against the HF forward before timing), prefill not timed;
+- minimal decode, torch.compile: the same step function compiled (inductor, dynamic shapes);
+- GEMMs only: just the step's weight matmuls (29 linears at M = 32 rows, weights cycling as in the loop).
+
+update
+- gdpo: reference log-probs (no grad) + policy log-probs and entropy with backward (`token_logprobs`), i.e. the
+  update without the optimizer step and the loss arithmetic;
+- GEMMs only: the same passes' weight matmuls (forward at M = positions the body runs: each prompt once + the
+  completion columns, LM head at M = completion tokens; backward: grad input + grad weight), everything else free.
+
+"floor" = GEMMs-only generation + GEMMs-only update: a lower bound for a step that uses PyTorch's CPU matmuls
+(attention, norms, RoPE, activations, sampling, the optimizer and all Python counted as zero). With
+--trl-step-s (TRL's step time from vs_trl.py, measured in the same session) it prints the ratio to TRL each
+line would give.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from vs_trl import QUICK, Setting, build_assets  # noqa: E402
+
+
+class MiniDecoder:
+    """One decode step of a Qwen2 / Llama-family HF model as plain tensor code on its own weights."""
+
+    def __init__(self, model):
+        self.model = model
+        cfg = model.config
+        self.body = model.model
+        self.hq, self.hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.d = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.hq
+        self.eps = cfg.rms_norm_eps
+
+    def linears(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(weight, bias) of every matmul a decode step runs, in order."""
+        out = []
+        for ly in self.body.layers:
+            a, m = ly.self_attn, ly.mlp
+            for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+                out.append((lin.weight, lin.bias))
+        out.append((self.model.lm_head.weight, None))
+        return out
+
+    def step(self, ids, cos, sin, K, V, n: int, bias):
+        """ids [B, 1] at column n; cos / sin [B, 1, 1, D]; K / V per layer [B, Hkv, cap, D] (column n is written);
+        bias [B, 1, 1, L] additive key mask over columns 0..L-1 (L = n + 1). Returns logits [B, V]."""
+        B, D, hq, hkv = ids.shape[0], self.d, self.hq, self.hkv
+        L = bias.shape[-1]
+        h = F.embedding(ids, self.body.embed_tokens.weight)  # [B, 1, H]
+        for i, ly in enumerate(self.body.layers):
+            a, m = ly.self_attn, ly.mlp
+            x = F.rms_norm(h, (h.shape[-1],), ly.input_layernorm.weight, self.eps)
+            q = F.linear(x, a.q_proj.weight, a.q_proj.bias).view(B, hq, 1, D)  # one position: a view
+            k = F.linear(x, a.k_proj.weight, a.k_proj.bias).view(B, hkv, 1, D)
+            v = F.linear(x, a.v_proj.weight, a.v_proj.bias).view(B, hkv, 1, D)
+            q = q * cos + torch.cat([-q[..., D // 2 :], q[..., : D // 2]], -1) * sin
+            k = k * cos + torch.cat([-k[..., D // 2 :], k[..., : D // 2]], -1) * sin
+            K[i][:, :, n : n + 1] = k
+            V[i][:, :, n : n + 1] = v
+            qg = q.reshape(B, hkv, hq // hkv, D)  # query heads stacked per KV head
+            s = torch.matmul(qg, K[i][:, :, :L].transpose(-1, -2)) * D**-0.5 + bias  # [B, Hkv, rep, L]
+            o = torch.matmul(torch.softmax(s, -1), V[i][:, :, :L]).reshape(B, 1, hq * D)
+            h = h + F.linear(o, a.o_proj.weight)
+            x = F.rms_norm(h, (h.shape[-1],), ly.post_attention_layernorm.weight, self.eps)
+            h = h + F.linear(F.silu(F.linear(x, m.gate_proj.weight)) * F.linear(x, m.up_proj.weight),
+                             m.down_proj.weight)
+        h = F.rms_norm(h, (h.shape[-1],), self.body.norm.weight, self.eps)
+        return F.linear(h[:, -1], self.model.lm_head.weight)
+
+
+def _left_pad(prompts: list[list[int]], G: int, T: int, pad: int):
+    P = max(len(p) for p in prompts)
+    rows = len(prompts) * G
+    seq = torch.full((rows, P + T), pad, dtype=torch.long)
+    valid = torch.zeros((rows, P + T), dtype=torch.bool)
+    for r in range(rows):
+        p = prompts[r // G]
+        seq[r, P - len(p) : P] = torch.tensor(p)
+        valid[r, P - len(p) :] = True
+    return seq, valid, P
+
+
+@torch.no_grad()
+def mini_generate(dec: MiniDecoder, step, prompts, G: int, T: int, pad: int, check: bool = False) -> float:
+    """Prefill (untimed) then T decode steps with inverse-CDF sampling; returns the decode seconds."""
+    seq, valid, P = _left_pad(prompts, G, T, pad)
+    rows = seq.shape[0]
+    pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # [rows, P + T]
+    cos, sin = dec.body.rotary_emb(seq[:, :1].float(), pos)  # [rows, P + T, D]
+    cos, sin = cos[:, None], sin[:, None]  # [rows, 1, P + T, D]
+    # key bias: padding columns masked, but a column always sees itself (pad queries stay finite)
+    bias = torch.zeros((rows, 1, 1, P + T)).masked_fill(~valid[:, None, None], float("-inf"))
+    K = [torch.zeros(rows, dec.hkv, P + T, dec.d) for _ in dec.body.layers]
+    V = [torch.zeros_like(k) for k in K]
+
+    def one(n):
+        b = bias[..., : n + 1].clone()
+        b[..., n] = 0.0
+        return step(seq[:, n : n + 1], cos[:, :, n : n + 1], sin[:, :, n : n + 1], K, V, n, b)
+
+    for n in range(P - 1):
+        one(n)
+    t0 = time.perf_counter()
+    for t in range(T):
+        n = P - 1 + t
+        logits = one(n)  # [rows, V]
+        if check and t == 1:  # the same function as the HF forward over the whole prefix
+            ref = dec.model(input_ids=seq[:, : n + 1], attention_mask=valid[:, : n + 1].long(),
+                            position_ids=pos[:, : n + 1]).logits[:, -1]
+            err = (ref - logits).abs().max().item()
+            assert err < 1e-3, f"minimal decode differs from the HF forward: {err}"
+        cdf = torch.softmax(logits, -1).cumsum(-1)
+        nxt = torch.searchsorted(cdf, torch.rand(rows, 1) * cdf[:, -1:]).clamp(max=cdf.shape[-1] - 1)
+        seq[:, n + 1] = nxt[:, 0]
+    return time.perf_counter() - t0
+
+
+def gemms_decode(dec: MiniDecoder, rows: int, T: int) -> float:
+    lins = dec.linears()
+    xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w, _ in lins}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(T):
+            for w, b in lins:
+                F.linear(xs[w.shape[1]], w, b)
+    return time.perf_counter() - t0
+
+
+def gemms_update(dec: MiniDecoder, m_body: int, m_head: int) -> float:
+    """Forward GEMMs of the reference and the policy, backward GEMMs (grad input, grad weight) of the policy."""
+    lins = dec.linears()
+    ms = [m_body] * (len(lins) - 1) + [m_head]
+    xs = {(m, w.shape[1]): torch.randn(m, w.shape[1]) for (w, _), m in zip(lins, ms)}
+    gs = {(m, w.shape[0]): torch.randn(m, w.shape[0]) for (w, _), m in zip(lins, ms)}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(2):  # reference forward, policy forward
+            for (w, b), m in zip(lins, ms):
+                F.linear(xs[m, w.shape[1]], w, b)
+        for (w, _), m in zip(reversed(lins), reversed(ms)):  # policy backward
+            g = gs[m, w.shape[0]]
+            torch.mm(g, w)
+            torch.mm(g.t(), xs[m, w.shape[1]])
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    ap.add_argument("--rounds", type=int, default=None, help="alternated rounds (default 5; quick 1)")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="skip the torch.compile line (~20 s to compile; --quick skips it too)")
+    ap.add_argument("--trl-step-s", type=float, default=None, help="TRL's step time from vs_trl.py, for ratios")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    s = QUICK if a.quick else Setting()
+    rounds = a.rounds or (1 if a.quick else 5)
+    from gdpo.policy.model import load_causal_lm, load_tokenizer, token_logprobs
+    from gdpo.rollout.hf import HFRolloutEngine
+    from gdpo.rollout.types import SamplingParams
+
+    with tempfile.TemporaryDirectory(prefix="step_floor_") as tmp:
+        model_dir, prompts_file = build_assets(s, Path(tmp))
+        model = load_causal_lm(model_dir, dtype=torch.float32, device="cpu")
+        ref = load_causal_lm(model_dir, dtype=torch.float32, device="cpu").eval().requires_grad_(False)
+        tok = load_tokenizer(model_dir)
+        texts = [json.loads(line)["prompt"] for line in prompts_file.read_text().splitlines()[: s.prompts]]
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    G, T, rows = s.group, s.new_tokens, s.prompts * s.group
+    engine = HFRolloutEngine(model, tok, SamplingParams(max_new_tokens=T, min_new_tokens=T, temperature=1.0))
+    dec = MiniDecoder(model.eval())
+
+    batch = engine.generate(prompts, G)
+    ids, mask, P = batch.input_ids(), batch.attention_mask(), batch.prompt_ids.shape[1]
+
+    def gdpo_update() -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            token_logprobs(ref, ids, mask, P)
+        model.train()
+        out = token_logprobs(model, ids, mask, P, return_entropy=True)
+        (out.logprobs.sum() + 0.0 * out.entropy.sum()).backward()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+        return time.perf_counter() - t0
+
+    m_body = s.prompts * P + rows * (T - 1)  # positions the body runs (prompts once per group)
+    lines = {
+        "gen: gdpo (HF rollout engine)": lambda: _timed(lambda: engine.generate(prompts, G)),
+        "gen: minimal decode, eager": lambda: mini_generate(dec, dec.step, prompts, G, T, tok.pad_token_id),
+        "gen: GEMMs only": lambda: gemms_decode(dec, rows, T),
+        "update: gdpo (ref + policy fwd/bwd)": gdpo_update,
+        "update: GEMMs only": lambda: gemms_update(dec, m_body, rows * T),
+    }
+    mini_generate(dec, dec.step, prompts, G, T, tok.pad_token_id, check=True)  # correctness, then warm-up
+    if not (a.no_compile or a.quick):
+        t0 = time.perf_counter()
+        cstep = torch.compile(dec.step, dynamic=True)
+        mini_generate(dec, cstep, prompts, G, T, tok.pad_token_id, check=True)
+        print(f"torch.compile of the decode step: {time.perf_counter() - t0:.1f} s (first call, not counted)")
+        lines["gen: minimal decode, torch.compile"] = lambda: mini_generate(dec, cstep, prompts, G, T,
+                                                                             tok.pad_token_id)
+    for fn in lines.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in lines}
+    for _ in range(rounds):
+        for k, fn in lines.items():
+            times[k].append(fn())
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    gdpo_step = med["gen: gdpo (HF rollout engine)"] + med["update: gdpo (ref + policy fwd/bwd)"]
+    floor = med["gen: GEMMs only"] + med["update: GEMMs only"]
+    print(f"\nstep floor: {s.prompts} prompts x G={G} x {T} new tokens, hidden {s.hidden}, {s.layers} layers, "
+          f"CPU, 1 thread, fp32; median of {rounds} alternated rounds")
+    print(f"{'line':42s} {'seconds':>8s}")
+    for k in lines:
+        print(f"{k:42s} {med[k]:8.3f}")
+    print(f"{'gdpo gen + update':42s} {gdpo_step:8.3f}")
+    print(f"{'floor (GEMMs only, all else free)':42s} {floor:8.3f}")
+    print(f"floor / gdpo: {floor / gdpo_step:.2f}")
+    if a.trl_step_s:
+        best_gen = min(v for k, v in med.items() if k.startswith("gen: minimal"))
+        best = best_gen + med["update: GEMMs only"]
+        print(f"ratio to TRL's {a.trl_step_s:.3f} s step: gdpo gen + update {gdpo_step / a.trl_step_s:.2f}, "
+              f"best minimal decode + GEMM-only update {best / a.trl_step_s:.2f}, "
+              f"floor {floor / a.trl_step_s:.2f} (goal <= 0.60)")
+    print("command: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_floor.py " + " ".join(sys.argv[1:]))
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    main()
