@@ -1,6 +1,6 @@
 """How far gdpo's training step is from its floor on this CPU, in the vs_trl.py setting.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_floor.py --trl-step-s 2.467   # reference (~3 min)
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_floor.py --gdpo-trl-ratio 0.74   # reference (~3 min)
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_floor.py --quick              # smoke run
 
 The question it answers: how fast could *any* PyTorch implementation of the same step be here? Measured side by
@@ -22,9 +22,10 @@ update
   completion columns, LM head at M = completion tokens; backward: grad input + grad weight), everything else free.
 
 "floor" = GEMMs-only generation + GEMMs-only update: a lower bound for a step that uses PyTorch's CPU matmuls
-(attention, norms, RoPE, activations, sampling, the optimizer and all Python counted as zero). With
---trl-step-s (TRL's step time from vs_trl.py, measured in the same session) it prints the ratio to TRL each
-line would give.
+(attention, norms, RoPE, activations, sampling, the optimizer and all Python counted as zero). Totals are also
+printed relative to gdpo's own gen + update measured in the same run (this machine's speed drifts by tens of
+percent over minutes, so seconds from different runs do not compare). With --gdpo-trl-ratio (the step ratio
+gdpo / TRL that vs_trl.py printed) each total is translated into a ratio to TRL: total / gdpo x that ratio.
 """
 
 from __future__ import annotations
@@ -177,7 +178,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="alternated rounds (default 5; quick 1)")
     ap.add_argument("--no-compile", action="store_true",
                     help="skip the torch.compile line (~20 s to compile; --quick skips it too)")
-    ap.add_argument("--trl-step-s", type=float, default=None, help="TRL's step time from vs_trl.py, for ratios")
+    ap.add_argument("--gdpo-trl-ratio", type=float, default=None,
+                    help="step ratio gdpo / TRL printed by vs_trl.py, to translate the totals into ratios to TRL")
     a = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -237,21 +239,24 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
 
     gdpo_step = med["gen: gdpo (HF rollout engine)"] + med["update: gdpo (ref + policy fwd/bwd)"]
-    floor = med["gen: GEMMs only"] + med["update: GEMMs only"]
+    best_gen = min(v for k, v in med.items() if k.startswith("gen: minimal"))
+    totals = {
+        "gdpo gen + update": gdpo_step,
+        "minimal decode + gdpo update": best_gen + med["update: gdpo (ref + policy fwd/bwd)"],
+        "minimal decode + GEMM-only update": best_gen + med["update: GEMMs only"],
+        "floor (GEMMs only, all else free)": med["gen: GEMMs only"] + med["update: GEMMs only"],
+    }
+    r = a.gdpo_trl_ratio
     print(f"\nstep floor: {s.prompts} prompts x G={G} x {T} new tokens, hidden {s.hidden}, {s.layers} layers, "
           f"CPU, 1 thread, fp32; median of {rounds} alternated rounds")
     print(f"{'line':42s} {'seconds':>8s}")
     for k in lines:
-        print(f"{k:42s} {med[k]:8.3f}")
-    print(f"{'gdpo gen + update':42s} {gdpo_step:8.3f}")
-    print(f"{'floor (GEMMs only, all else free)':42s} {floor:8.3f}")
-    print(f"floor / gdpo: {floor / gdpo_step:.2f}")
-    if a.trl_step_s:
-        best_gen = min(v for k, v in med.items() if k.startswith("gen: minimal"))
-        best = best_gen + med["update: GEMMs only"]
-        print(f"ratio to TRL's {a.trl_step_s:.3f} s step: gdpo gen + update {gdpo_step / a.trl_step_s:.2f}, "
-              f"best minimal decode + GEMM-only update {best / a.trl_step_s:.2f}, "
-              f"floor {floor / a.trl_step_s:.2f} (goal <= 0.60)")
+        print(f"{k:42s} {med[k]:8.4f}")
+    print(f"\n{'gen + update':42s} {'seconds':>8s} {'/ gdpo':>7s}" + (f" {'/ TRL':>6s}" if r else ""))
+    for k, v in totals.items():
+        print(f"{k:42s} {v:8.4f} {v / gdpo_step:7.2f}" + (f" {v / gdpo_step * r:6.2f}" if r else ""))
+    if r:
+        print(f"(/ TRL = / gdpo x {r:.2f}, the step ratio vs_trl.py measured; goal <= 0.60)")
     print("command: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_floor.py " + " ".join(sys.argv[1:]))
 
 

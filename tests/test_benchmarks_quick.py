@@ -41,7 +41,7 @@ def test_vs_trl_benchmark_quick():
 
 def test_step_floor_benchmark_quick():
     p = subprocess.run(
-        [sys.executable, "benchmarks/step_floor.py", "--quick", "--trl-step-s", "1.0"], cwd=ROOT,
+        [sys.executable, "benchmarks/step_floor.py", "--quick", "--gdpo-trl-ratio", "0.5"], cwd=ROOT,
         capture_output=True, text=True, timeout=300,
     )
     assert p.returncode == 0, p.stderr[-4000:]
@@ -57,5 +57,10 @@ def test_step_floor_benchmark_quick():
     # GEMMs alone are a lower bound of the same work
     assert sec["gen: GEMMs only"] < sec["gen: gdpo (HF rollout engine)"]
     assert sec["update: GEMMs only"] < sec["update: gdpo (ref + policy fwd/bwd)"]
-    assert "floor / gdpo:" in out and "ratio to TRL's 1.000 s step:" in out
+    totals = {line[:42].strip(): line[42:].split() for line in out.splitlines()
+              if line.startswith(("gdpo gen + update", "minimal decode +", "floor (GEMMs"))}
+    assert len(totals) == 4
+    assert totals["gdpo gen + update"][1:] == ["1.00", "0.50"]  # itself, and x the ratio given
+    floor = totals["floor (GEMMs only, all else free)"]
+    assert 0 < float(floor[1]) < 1 and float(floor[2]) == pytest.approx(float(floor[1]) * 0.5, abs=0.011)
     assert "command: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_floor.py --quick" in out
