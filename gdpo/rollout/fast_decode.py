@@ -3,7 +3,7 @@
 Why: on a small model the HF module forward costs about as much as the matmuls in it (module calls, mask
 construction, cache bookkeeping, RoPE recomputed per layer). `FastDecoder.step` runs the same maths with
 nothing else: measured on the vs_trl.py model (4.1M-parameter Qwen2, 32 rows x 64 tokens, CPU, one thread)
-0.84 s -> 0.60 s for a whole rollout (benchmarks/step_floor.py).
+0.84 s -> 0.68 s for a whole rollout (benchmarks/step_floor.py, benchmarks/RESULTS.md).
 
 Same function as the HF forward, to float rounding (tests/rollout/test_fast_decode.py compares logits and
 sampled rollouts): RMSNorm computed in float32 and cast back before the weight (as HF does), RoPE from the
@@ -16,6 +16,8 @@ q/k/v/o and MLP biases; Qwen3's per-head q/k norms; RoPE types whose frequencies
 length (default, linear, llama3, yarn); no logit soft-capping; a sliding window only where the sequences fit in
 it. Anything else decodes with the HF forward. Only one-token steps: the prompt is prefilled by the HF forward
 and its cache copied in.
+Modules must be the plain ones (nn.Linear projections, RMSNorms): adapters or quantized layers fall back. The
+parameters are read directly, so forward hooks registered on the modules do not run during these steps.
 """
 
 from __future__ import annotations
@@ -41,17 +43,25 @@ def unsupported_reason(model: torch.nn.Module, max_len: int | None = None) -> st
     rope = getattr(getattr(body, "rotary_emb", None), "rope_type", None)
     if rope not in ROPE_TYPES:
         return f"rope type {rope!r} (fast decode: {', '.join(ROPE_TYPES)})"
-    if not hasattr(model, "lm_head") or not hasattr(body, "embed_tokens"):
-        return "no lm_head / embed_tokens"
-    for ly in body.layers:
-        a = ly.self_attn
+    if type(getattr(model, "lm_head", None)) is not torch.nn.Linear or type(
+        getattr(body, "embed_tokens", None)
+    ) is not torch.nn.Embedding:
+        return "lm_head / embed_tokens are not plain Linear / Embedding modules"
+    for ly in getattr(body, "layers", None) or []:
+        a, mlp = getattr(ly, "self_attn", None), getattr(ly, "mlp", None)
         window = getattr(a, "sliding_window", None)
         if window is not None and (max_len is None or max_len > window):  # shorter: nothing slides out
             return f"sliding-window attention (window {window}, sequences up to {max_len})"
-        if not all(hasattr(a, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")):
-            return f"attention module {type(a).__name__}"
-        if not all(hasattr(ly.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
-            return f"MLP module {type(ly.mlp).__name__}"
+        # exactly nn.Linear: an adapter (LoRA) or quantized wrapper would compute something else than .weight
+        linears = [getattr(a, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if not hasattr(a, "scaling") or any(type(lin) is not torch.nn.Linear for lin in linears):
+            return f"layer modules ({type(a).__name__}, {type(mlp).__name__}) are not plain Linear projections"
+        norms = [getattr(ly, "input_layernorm", None), getattr(ly, "post_attention_layernorm", None)]
+        if any(not hasattr(n, "variance_epsilon") for n in norms):
+            return "layer norms are not RMSNorm"
+    if not getattr(body, "layers", None) or not hasattr(getattr(body, "norm", None), "variance_epsilon"):
+        return "no decoder layers / final RMSNorm"
     return None
 
 
@@ -77,7 +87,6 @@ class FastDecoder:
         self.model, self.body = model, model.model
         self.hq, self.hkv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.d = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.hq
-        self.eps = cfg.rms_norm_eps
         rows, cap = positions.shape
         w = self.body.embed_tokens.weight
         self.dtype = w.dtype
@@ -103,7 +112,7 @@ class FastDecoder:
         h = F.embedding(ids[:, None], self.body.embed_tokens.weight)  # [rows, 1, H]
         for i, ly in enumerate(self.body.layers):
             a, mlp = ly.self_attn, ly.mlp
-            x = _rms_norm(h, ly.input_layernorm.weight, self.eps)
+            x = _rms_norm(h, ly.input_layernorm.weight, ly.input_layernorm.variance_epsilon)
             q = F.linear(x, a.q_proj.weight, a.q_proj.bias).view(rows, 1, hq, D)
             k = F.linear(x, a.k_proj.weight, a.k_proj.bias).view(rows, 1, hkv, D)
             v = F.linear(x, a.v_proj.weight, a.v_proj.bias).view(rows, hkv, 1, D)
@@ -120,10 +129,10 @@ class FastDecoder:
             probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
             o = torch.matmul(probs, values).reshape(rows, 1, hq * D)  # [rows, 1, Hq * D]
             h = h + F.linear(o, a.o_proj.weight, a.o_proj.bias)
-            x = _rms_norm(h, ly.post_attention_layernorm.weight, self.eps)
+            x = _rms_norm(h, ly.post_attention_layernorm.weight, ly.post_attention_layernorm.variance_epsilon)
             gate = F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias)
             up = F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
             h = h + F.linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
-        h = _rms_norm(h, self.body.norm.weight, self.eps)
+        h = _rms_norm(h, self.body.norm.weight, self.body.norm.variance_epsilon)
         head = self.model.lm_head
         return F.linear(h[:, 0], head.weight, head.bias)  # [rows, V]

@@ -319,6 +319,7 @@ class HFRolloutEngine:
             decoder = FastDecoder(self.model, positions, mask)
             if start:
                 decoder.load_cache(cache, start)
+            cache = None  # copied: do not hold the prefill's cache for the whole rollout
         else:
             decoder, cache = None, _reserve_cache(cache, P + T)
         eos = torch.tensor(self.eos_ids, device=device)  # [E]

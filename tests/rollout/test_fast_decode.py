@@ -121,3 +121,21 @@ def test_config_switch_reaches_the_engine():
     assert engine.fast_decode is False
     with pytest.raises(Exception, match="hf_fast_decode"):
         config_from_dict({"rollout": {"hf_fast_decode": "sometimes"}})
+
+
+def test_wrapped_projection_falls_back_to_the_hf_forward():
+    # An adapter-like subclass of nn.Linear computes more than x @ weight: the fast step must not be used.
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = _model("qwen2")
+    old = model.model.layers[0].mlp.up_proj
+    new = Doubled(old.in_features, old.out_features, bias=False)
+    new.load_state_dict(old.state_dict())
+    model.model.layers[0].mlp.up_proj = new
+    assert "not plain Linear" in unsupported_reason(model)
+    plain = _model("qwen2")
+    hf, auto = _rollout(model, fast=False), _rollout(model, fast=True)
+    assert torch.equal(hf.completion_ids, auto.completion_ids)  # both ran the HF forward, wrapper included
+    assert not torch.equal(auto.completion_ids, _rollout(plain, fast=True).completion_ids)  # and it matters
