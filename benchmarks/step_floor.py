@@ -3,9 +3,9 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_floor.py --gdpo-trl-ratio 0.74   # reference (~3 min)
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_floor.py --quick              # smoke run
 
-The question it answers: how fast could *any* PyTorch implementation of the same step be here? Measured side by
-side in one process (alternating, median over rounds), on the vs_trl.py model (4.1M-parameter Qwen2, fp32, one
-thread) and workload (4 prompts x G=8 x 64 new tokens):
+The question it answers: how fast could *any* PyTorch implementation of the same step be here? Measured
+side by side in one process (alternating, median over rounds), on the vs_trl.py model (4.1M-parameter Qwen2,
+fp32, one thread) and workload (4 prompts x G=8 x 64 new tokens):
 
 generation
 - gdpo: `HFRolloutEngine.generate` (prefill, the decode loop, sampling, stop tracking);
@@ -16,10 +16,10 @@ generation
 - GEMMs only: just the step's weight matmuls (29 linears at M = 32 rows, weights cycling as in the loop).
 
 update
-- gdpo: reference log-probs (no grad) + policy log-probs and entropy with backward (`token_logprobs`), i.e. the
-  update without the optimizer step and the loss arithmetic;
+- gdpo: reference log-probs (no grad) + policy log-probs and entropy with backward (`token_logprobs`), i.e.
+  the update without the optimizer step and the loss arithmetic;
 - GEMMs only: the same passes' weight matmuls (forward at M = positions the body runs: each prompt once + the
-  completion columns, LM head at M = completion tokens; backward: grad input + grad weight), everything else free.
+  completion columns, LM head at M = completion tokens; backward: grad input + grad weight), all else free.
 
 "floor" = GEMMs-only generation + GEMMs-only update: a lower bound for a step that uses PyTorch's CPU matmuls
 (attention, norms, RoPE, activations, sampling, the optimizer and all Python counted as zero). Totals are also
@@ -70,8 +70,9 @@ class MiniDecoder:
         return out
 
     def step(self, ids, cos, sin, K, V, n: int, bias):
-        """ids [B, 1] at column n; cos / sin [B, 1, 1, D]; K / V per layer [B, Hkv, cap, D] (column n is written);
-        bias [B, 1, 1, L] additive key mask over columns 0..L-1 (L = n + 1). Returns logits [B, V]."""
+        """ids [B, 1] at column n; cos / sin [B, 1, 1, D]; K / V per layer [B, Hkv, cap, D] (column n is
+        written); bias [B, 1, 1, L] additive key mask over columns 0..L-1 (L = n + 1).
+        Returns logits [B, V]."""
         B, D, hq, hkv = ids.shape[0], self.d, self.hq, self.hkv
         L = bias.shape[-1]
         h = F.embedding(ids, self.body.embed_tokens.weight)  # [B, 1, H]
@@ -155,7 +156,7 @@ def gemms_decode(dec: MiniDecoder, rows: int, T: int) -> float:
 
 
 def gemms_update(dec: MiniDecoder, m_body: int, m_head: int) -> float:
-    """Forward GEMMs of the reference and the policy, backward GEMMs (grad input, grad weight) of the policy."""
+    """GEMMs of the reference forward, the policy forward and its backward (grad input, grad weight)."""
     lins = dec.linears()
     ms = [m_body] * (len(lins) - 1) + [m_head]
     xs = {(m, w.shape[1]): torch.randn(m, w.shape[1]) for (w, _), m in zip(lins, ms)}
@@ -179,7 +180,7 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true",
                     help="skip the torch.compile line (~20 s to compile; --quick skips it too)")
     ap.add_argument("--gdpo-trl-ratio", type=float, default=None,
-                    help="step ratio gdpo / TRL printed by vs_trl.py, to translate the totals into ratios to TRL")
+                    help="step ratio gdpo / TRL printed by vs_trl.py (turns the totals into ratios to TRL)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -228,8 +229,8 @@ def main() -> None:
         cstep = torch.compile(dec.step, dynamic=True)
         mini_generate(dec, cstep, prompts, G, T, tok.pad_token_id, check=True)
         print(f"torch.compile of the decode step: {time.perf_counter() - t0:.1f} s (first call, not counted)")
-        lines["gen: minimal decode, torch.compile"] = lambda: mini_generate(dec, cstep, prompts, G, T,
-                                                                             tok.pad_token_id)
+        pad = tok.pad_token_id
+        lines["gen: minimal decode, torch.compile"] = lambda: mini_generate(dec, cstep, prompts, G, T, pad)
     for fn in lines.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in lines}
@@ -247,8 +248,8 @@ def main() -> None:
         "floor (GEMMs only, all else free)": med["gen: GEMMs only"] + med["update: GEMMs only"],
     }
     r = a.gdpo_trl_ratio
-    print(f"\nstep floor: {s.prompts} prompts x G={G} x {T} new tokens, hidden {s.hidden}, {s.layers} layers, "
-          f"CPU, 1 thread, fp32; median of {rounds} alternated rounds")
+    print(f"\nstep floor: {s.prompts} prompts x G={G} x {T} new tokens, hidden {s.hidden}, "
+          f"{s.layers} layers, CPU, 1 thread, fp32; median of {rounds} alternated rounds")
     print(f"{'line':42s} {'seconds':>8s}")
     for k in lines:
         print(f"{k:42s} {med[k]:8.4f}")

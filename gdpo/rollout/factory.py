@@ -24,8 +24,8 @@ def make_rollout_engine(
 ) -> RolloutEngine:
     """An `HFRolloutEngine` ("hf") or a colocated `VLLMRolloutEngine` ("vllm").
 
-    generation_batch_size, fast_decode: hf only (vLLM schedules its own batches). model_path: vllm only, the directory
-    or hub id vLLM builds the architecture from. vllm_kwargs: `VLLMRolloutEngine` keyword arguments
+    generation_batch_size, fast_decode: hf only (vLLM schedules its own batches). model_path: vllm only, the
+    directory or hub id vLLM builds the architecture from. vllm_kwargs: `VLLMRolloutEngine` keyword arguments
     (gpu_memory_utilization, tensor_parallel_size, sleep, sync_chunk_mb, sync_timeout_s, seed, ...);
     ignored by hf, so a caller can pass them unconditionally.
     Raises ValueError for an unknown backend, or "vllm" without vLLM installed / without model_path.

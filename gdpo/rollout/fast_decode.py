@@ -6,16 +6,16 @@ nothing else: measured on the vs_trl.py model (4.1M-parameter Qwen2, 32 rows x 6
 0.84 s -> 0.68 s for a whole rollout (benchmarks/step_floor.py, benchmarks/RESULTS.md).
 
 Same function as the HF forward, to float rounding (tests/rollout/test_fast_decode.py compares logits and
-sampled rollouts): RMSNorm computed in float32 and cast back before the weight (as HF does), RoPE from the
-model's own rotary module (so its scaling variant applies), attention over the cached keys with the padding
-mask, softmax in float32, GQA without copying the cache (the query heads of a KV head are stacked, head h reads
-KV head h // rep as in `repeat_kv`).
+sampled rollouts): RMSNorm computed in float32 and cast back before the weight (as HF does), RoPE from
+the model's own rotary module (so its scaling variant applies), attention over the cached keys with the
+padding mask, softmax in float32, GQA without copying the cache (the query heads of a KV head are stacked,
+head h reads KV head h // rep as in `repeat_kv`).
 
-Supported (`unsupported_reason(model)` is None): model types llama, qwen2, qwen3, mistral; SiLU MLP; optional
-q/k/v/o and MLP biases; Qwen3's per-head q/k norms; RoPE types whose frequencies do not depend on the sequence
-length (default, linear, llama3, yarn); no logit soft-capping; a sliding window only where the sequences fit in
-it. Anything else decodes with the HF forward. Only one-token steps: the prompt is prefilled by the HF forward
-and its cache copied in.
+Supported (`unsupported_reason(model)` is None): model types llama, qwen2, qwen3, mistral; SiLU MLP;
+optional q/k/v/o and MLP biases; Qwen3's per-head q/k norms; RoPE types whose frequencies do not depend on the
+sequence length (default, linear, llama3, yarn); no logit soft-capping; a sliding window only where the
+sequences fit in it. Anything else decodes with the HF forward. Only one-token steps: the prompt is prefilled
+by the HF forward and its cache copied in.
 Modules must be the plain ones (nn.Linear projections, RMSNorms): adapters or quantized layers fall back. The
 parameters are read directly, so forward hooks registered on the modules do not run during these steps.
 """
@@ -56,7 +56,8 @@ def unsupported_reason(model: torch.nn.Module, max_len: int | None = None) -> st
         linears = [getattr(a, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
         linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
         if not hasattr(a, "scaling") or any(type(lin) is not torch.nn.Linear for lin in linears):
-            return f"layer modules ({type(a).__name__}, {type(mlp).__name__}) are not plain Linear projections"
+            names = f"{type(a).__name__}, {type(mlp).__name__}"
+            return f"layer modules ({names}) are not plain Linear projections"
         norms = [getattr(ly, "input_layernorm", None), getattr(ly, "post_attention_layernorm", None)]
         if any(not hasattr(n, "variance_epsilon") for n in norms):
             return "layer norms are not RMSNorm"

@@ -21,7 +21,7 @@ Design notes
   the uncached last prompt token). Prefill is compute-bound on CPU, so this removes (G-1)/G of it.
 - The KV cache is reserved for P + T positions up front (`ReservedLayer`) instead of growing by `cat`.
 - Llama-family models (Llama, Qwen2, Qwen3, Mistral) decode with `fast_decode.FastDecoder`: the same one-token
-  step as plain tensor code on the model's own weights, without the HF module forward (~30% less generation
+  step as plain tensor code on the model's own weights, without the HF module forward (~20% less generation
   time on small models). The prompt is still prefilled by the HF forward; its cache is copied in.
 - KV cache on, eval mode (dropout off, and gradient checkpointing would otherwise switch the cache
   off), no autograd. Under ZeRO-3 the parameters are gathered once for the whole call.
