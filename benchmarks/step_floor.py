@@ -9,9 +9,9 @@ fp32, one thread) and workload (4 prompts x G=8 x 64 new tokens):
 
 generation
 - gdpo: `HFRolloutEngine.generate` (prefill, the decode loop, sampling, stop tracking);
-- minimal decode, eager: the 64 decode steps written out here as plain tensor code on the same weights (no HF
-  modules, reserved KV cache, GQA attention without copies, inverse-CDF sampling; its logits are checked
-  against the HF forward before timing), prefill not timed;
+- minimal decode, eager: the 64 `FastDecoder` steps gdpo's engine runs, alone (inverse-CDF sampling and
+  nothing else: no stop tracking, warpers, log-probs or batch assembly; its logits are checked against the HF
+  forward before timing), prefill not timed;
 - minimal decode, torch.compile: the same step function compiled (inductor, dynamic shapes);
 - GEMMs only: just the step's weight matmuls (29 linears at M = 32 rows, weights cycling as in the loop).
 
@@ -45,107 +45,62 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from gdpo.rollout.fast_decode import FastDecoder  # noqa: E402
 from vs_trl import QUICK, Setting, build_assets  # noqa: E402
 
 
-class MiniDecoder:
-    """One decode step of a Qwen2 / Llama-family HF model as plain tensor code on its own weights."""
-
-    def __init__(self, model):
-        self.model = model
-        cfg = model.config
-        self.body = model.model
-        self.hq, self.hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.d = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.hq
-        self.eps = cfg.rms_norm_eps
-
-    def linears(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """(weight, bias) of every matmul a decode step runs, in order."""
-        out = []
-        for ly in self.body.layers:
-            a, m = ly.self_attn, ly.mlp
-            for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
-                out.append((lin.weight, lin.bias))
-        out.append((self.model.lm_head.weight, None))
-        return out
-
-    def step(self, ids, cos, sin, K, V, n: int, bias):
-        """ids [B, 1] at column n; cos / sin [B, 1, 1, D]; K / V per layer [B, Hkv, cap, D] (column n is
-        written); bias [B, 1, 1, L] additive key mask over columns 0..L-1 (L = n + 1).
-        Returns logits [B, V]."""
-        B, D, hq, hkv = ids.shape[0], self.d, self.hq, self.hkv
-        L = bias.shape[-1]
-        h = F.embedding(ids, self.body.embed_tokens.weight)  # [B, 1, H]
-        for i, ly in enumerate(self.body.layers):
-            a, m = ly.self_attn, ly.mlp
-            x = F.rms_norm(h, (h.shape[-1],), ly.input_layernorm.weight, self.eps)
-            q = F.linear(x, a.q_proj.weight, a.q_proj.bias).view(B, hq, 1, D)  # one position: a view
-            k = F.linear(x, a.k_proj.weight, a.k_proj.bias).view(B, hkv, 1, D)
-            v = F.linear(x, a.v_proj.weight, a.v_proj.bias).view(B, hkv, 1, D)
-            q = q * cos + torch.cat([-q[..., D // 2 :], q[..., : D // 2]], -1) * sin
-            k = k * cos + torch.cat([-k[..., D // 2 :], k[..., : D // 2]], -1) * sin
-            K[i][:, :, n : n + 1] = k
-            V[i][:, :, n : n + 1] = v
-            qg = q.reshape(B, hkv, hq // hkv, D)  # query heads stacked per KV head
-            s = torch.matmul(qg, K[i][:, :, :L].transpose(-1, -2)) * D**-0.5 + bias  # [B, Hkv, rep, L]
-            o = torch.matmul(torch.softmax(s, -1), V[i][:, :, :L]).reshape(B, 1, hq * D)
-            h = h + F.linear(o, a.o_proj.weight)
-            x = F.rms_norm(h, (h.shape[-1],), ly.post_attention_layernorm.weight, self.eps)
-            h = h + F.linear(F.silu(F.linear(x, m.gate_proj.weight)) * F.linear(x, m.up_proj.weight),
-                             m.down_proj.weight)
-        h = F.rms_norm(h, (h.shape[-1],), self.body.norm.weight, self.eps)
-        return F.linear(h[:, -1], self.model.lm_head.weight)
+def linears(model) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(weight, bias) of every matmul a decode step runs, in order."""
+    out = []
+    for ly in model.model.layers:
+        a, m = ly.self_attn, ly.mlp
+        for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+            out.append((lin.weight, lin.bias))
+    out.append((model.lm_head.weight, model.lm_head.bias))
+    return out
 
 
 def _left_pad(prompts: list[list[int]], G: int, T: int, pad: int):
     P = max(len(p) for p in prompts)
     rows = len(prompts) * G
     seq = torch.full((rows, P + T), pad, dtype=torch.long)
-    valid = torch.zeros((rows, P + T), dtype=torch.bool)
+    valid = torch.zeros((rows, P + T), dtype=torch.long)
     for r in range(rows):
         p = prompts[r // G]
         seq[r, P - len(p) : P] = torch.tensor(p)
-        valid[r, P - len(p) :] = True
+        valid[r, P - len(p) :] = 1
     return seq, valid, P
 
 
 @torch.no_grad()
-def mini_generate(dec: MiniDecoder, step, prompts, G: int, T: int, pad: int, check: bool = False) -> float:
-    """Prefill (untimed) then T decode steps with inverse-CDF sampling; returns the decode seconds."""
-    seq, valid, P = _left_pad(prompts, G, T, pad)
-    rows = seq.shape[0]
-    pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # [rows, P + T]
-    cos, sin = dec.body.rotary_emb(seq[:, :1].float(), pos)  # [rows, P + T, D]
-    cos, sin = cos[:, None], sin[:, None]  # [rows, 1, P + T, D]
-    # key bias: padding columns masked, but a column always sees itself (pad queries stay finite)
-    bias = torch.zeros((rows, 1, 1, P + T)).masked_fill(~valid[:, None, None], float("-inf"))
-    K = [torch.zeros(rows, dec.hkv, P + T, dec.d) for _ in dec.body.layers]
-    V = [torch.zeros_like(k) for k in K]
+def mini_generate(model, decoder: FastDecoder, step, seq, valid, P: int, check: bool = False) -> float:
+    """gdpo's `FastDecoder` steps (`step`: `decoder.step`, or it compiled) without the rollout engine around
+    them: HF prefill of the prompts (untimed), then T steps with inverse-CDF sampling and nothing else.
+    Returns the decode seconds."""
+    from transformers import DynamicCache
 
-    def one(n):
-        b = bias[..., : n + 1].clone()
-        b[..., n] = 0.0
-        return step(seq[:, n : n + 1], cos[:, :, n : n + 1], sin[:, :, n : n + 1], K, V, n, b)
-
-    for n in range(P - 1):
-        one(n)
+    rows, T = seq.shape[0], seq.shape[1] - P
+    pos = (valid.cumsum(-1) - 1).clamp(min=0)  # [rows, P + T]
+    cache = model(input_ids=seq[:, : P - 1], attention_mask=valid[:, : P - 1], position_ids=pos[:, : P - 1],
+                  past_key_values=DynamicCache(config=model.config), use_cache=True).past_key_values
+    decoder.load_cache(cache, P - 1)
     t0 = time.perf_counter()
     for t in range(T):
         n = P - 1 + t
-        logits = one(n)  # [rows, V]
+        logits = step(seq[:, n], n)  # [rows, V]
         if check and t == 1:  # the same function as the HF forward over the whole prefix
-            ref = dec.model(input_ids=seq[:, : n + 1], attention_mask=valid[:, : n + 1].long(),
-                            position_ids=pos[:, : n + 1]).logits[:, -1]
+            ref = model(input_ids=seq[:, : n + 1], attention_mask=valid[:, : n + 1],
+                        position_ids=pos[:, : n + 1]).logits[:, -1]
             err = (ref - logits).abs().max().item()
             assert err < 1e-3, f"minimal decode differs from the HF forward: {err}"
-        cdf = torch.softmax(logits, -1).cumsum(-1)
+        cdf = torch.softmax(logits.float(), -1).cumsum(-1)
         nxt = torch.searchsorted(cdf, torch.rand(rows, 1) * cdf[:, -1:]).clamp(max=cdf.shape[-1] - 1)
         seq[:, n + 1] = nxt[:, 0]
     return time.perf_counter() - t0
 
 
-def gemms_decode(dec: MiniDecoder, rows: int, T: int) -> float:
-    lins = dec.linears()
+def gemms_decode(model, rows: int, T: int) -> float:
+    lins = linears(model)
     xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w, _ in lins}
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -155,9 +110,9 @@ def gemms_decode(dec: MiniDecoder, rows: int, T: int) -> float:
     return time.perf_counter() - t0
 
 
-def gemms_update(dec: MiniDecoder, m_body: int, m_head: int) -> float:
+def gemms_update(model, m_body: int, m_head: int) -> float:
     """GEMMs of the reference forward, the policy forward and its backward (grad input, grad weight)."""
-    lins = dec.linears()
+    lins = linears(model)
     ms = [m_body] * (len(lins) - 1) + [m_head]
     xs = {(m, w.shape[1]): torch.randn(m, w.shape[1]) for (w, _), m in zip(lins, ms)}
     gs = {(m, w.shape[0]): torch.randn(m, w.shape[0]) for (w, _), m in zip(lins, ms)}
@@ -199,7 +154,9 @@ def main() -> None:
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     G, T, rows = s.group, s.new_tokens, s.prompts * s.group
     engine = HFRolloutEngine(model, tok, SamplingParams(max_new_tokens=T, min_new_tokens=T, temperature=1.0))
-    dec = MiniDecoder(model.eval())
+    model.eval()
+    seq, valid, P0 = _left_pad(prompts, G, T, tok.pad_token_id)  # the minimal loop's rows (same prompts)
+    decoder = FastDecoder(model, (valid.cumsum(-1) - 1).clamp(min=0), valid)
 
     batch = engine.generate(prompts, G)
     ids, mask, P = batch.input_ids(), batch.attention_mask(), batch.prompt_ids.shape[1]
@@ -218,19 +175,19 @@ def main() -> None:
     m_body = s.prompts * P + rows * (T - 1)  # positions the body runs (prompts once per group)
     lines = {
         "gen: gdpo (HF rollout engine)": lambda: _timed(lambda: engine.generate(prompts, G)),
-        "gen: minimal decode, eager": lambda: mini_generate(dec, dec.step, prompts, G, T, tok.pad_token_id),
-        "gen: GEMMs only": lambda: gemms_decode(dec, rows, T),
+        "gen: minimal decode, eager": lambda: mini_generate(model, decoder, decoder.step, seq, valid, P0),
+        "gen: GEMMs only": lambda: gemms_decode(model, rows, T),
         "update: gdpo (ref + policy fwd/bwd)": gdpo_update,
-        "update: GEMMs only": lambda: gemms_update(dec, m_body, rows * T),
+        "update: GEMMs only": lambda: gemms_update(model, m_body, rows * T),
     }
-    mini_generate(dec, dec.step, prompts, G, T, tok.pad_token_id, check=True)  # correctness, then warm-up
+    mini_generate(model, decoder, decoder.step, seq, valid, P0, check=True)  # correctness, then warm-up
     if not (a.no_compile or a.quick):
         t0 = time.perf_counter()
-        cstep = torch.compile(dec.step, dynamic=True)
-        mini_generate(dec, cstep, prompts, G, T, tok.pad_token_id, check=True)
+        cstep = torch.compile(decoder.step, dynamic=True)
+        mini_generate(model, decoder, cstep, seq, valid, P0, check=True)
         print(f"torch.compile of the decode step: {time.perf_counter() - t0:.1f} s (first call, not counted)")
-        pad = tok.pad_token_id
-        lines["gen: minimal decode, torch.compile"] = lambda: mini_generate(dec, cstep, prompts, G, T, pad)
+        compiled = lambda: mini_generate(model, decoder, cstep, seq, valid, P0)  # noqa: E731
+        lines["gen: minimal decode, torch.compile"] = compiled
     for fn in lines.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in lines}
