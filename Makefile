@@ -28,6 +28,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
+	$(BIN)/ruff check .
 	$(TEST_ENV) $(BIN)/python -m pytest -q
 
 demo: install

@@ -106,7 +106,7 @@ def main(argv=None) -> None:
                     f"{t_eager / t:>8.2f}x"
                 )
             print(f"{n:>10} {k:>2} {'copy':>8} {copy_s * 1e3:>10.3f} {copy_gbs:>8.2f}  (clone of the rewards)")
-            del r
+            r = None  # free the device memory before the next size
 
 
 if __name__ == "__main__":

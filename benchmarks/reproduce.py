@@ -177,7 +177,8 @@ def table(summary: dict) -> str:
              "|---|---|" + "---|" * len(cols) + "---|"]
     for est, row in summary.items():
         cells = [f"{row[c][0]:.3f} ± {row[c][1]:.3f}" for c in cols]
-        lines.append(f"| {est} | {row['seeds']} | " + " | ".join(cells) + f" | {', '.join(row['collapsed']) or 'none'} |")
+        collapsed = ", ".join(row["collapsed"]) or "none"
+        lines.append(f"| {est} | {row['seeds']} | " + " | ".join(cells) + f" | {collapsed} |")
     return "\n".join(lines)
 
 

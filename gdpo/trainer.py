@@ -16,8 +16,6 @@ Where this departs from the GDPO paper's reference code (TRL / verl):
 
 from __future__ import annotations
 
-import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -375,10 +373,12 @@ def train(cfg: Config) -> dict[str, float]:
             reuse_current = updates_per_step == 1  # one update: old = current, detached (no extra forward)
             old_logps = None
             if not reuse_current:
-                old_logps = token_logprobs_batched(policy, input_ids, attn, P, micro_batch_size=micro, **lp_kwargs).logprobs
+                old_logps = token_logprobs_batched(policy, input_ids, attn, P, micro_batch_size=micro,
+                                                   **lp_kwargs).logprobs
             ref_logps = None
             if ref_model is not None:
-                ref_logps = token_logprobs_batched(ref_model, input_ids, attn, P, micro_batch_size=micro, **lp_kwargs).logprobs
+                ref_logps = token_logprobs_batched(ref_model, input_ids, attn, P, micro_batch_size=micro,
+                                                   **lp_kwargs).logprobs
             timings["logprobs"] = time.perf_counter() - t0
 
             # ---------------------------------------------------- 9. update: epochs x minibatches x micro-batches

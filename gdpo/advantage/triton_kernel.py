@@ -166,7 +166,8 @@ def triton_batch_norm(x: torch.Tensor, partials_or_moments: torch.Tensor, eps: f
     n = x.numel()
     p = partials_or_moments.contiguous()
     _batchnorm_kernel[(triton.cdiv(n, _BN_BLOCK),)](
-        x, p, p.shape[0], n, BLOCK=_BN_BLOCK, PBLOCK=min(_PARTIAL_BLOCK, triton.next_power_of_2(p.shape[0])), eps=float(eps),
+        x, p, p.shape[0], n, BLOCK=_BN_BLOCK, PBLOCK=min(_PARTIAL_BLOCK, triton.next_power_of_2(p.shape[0])),
+        eps=float(eps),
     )  # fmt: skip
     return x
 

@@ -198,7 +198,9 @@ def _make_engine(a, model_ref: str, tokenizer, device: str | None):
         try:
             import vllm  # noqa: F401
         except Exception as e:  # noqa: BLE001
-            raise EvalInputError(f"--backend vllm needs the vllm package (pip install 'gdpo[vllm]'): {_first_line(e)}") from None
+            raise EvalInputError(
+                f"--backend vllm needs the vllm package (pip install 'gdpo[vllm]'): {_first_line(e)}"
+            ) from None
         try:
             from gdpo.rollout.vllm import VLLMRolloutEngine
         except ImportError as e:
@@ -289,7 +291,8 @@ def _main(a: argparse.Namespace) -> int:
                        "seed": a.seed, "tokenizer": tok_ref, "k": a.k, "fallbacks": a.fallbacks}
         source_desc = f"oracle: {a.oracle}" + (" (shuffled across problems)" if a.oracle_shuffle else "")
     else:
-        use_chat = a.chat_template == "on" or (a.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None)))
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        use_chat = a.chat_template == "on" or (a.chat_template == "auto" and has_template)
         if a.chat_template == "on" and not getattr(tokenizer, "chat_template", None):
             raise EvalInputError(f"--chat-template on: tokenizer {tok_ref} has no chat template")
         fingerprint = {"source": "model", "model": model_ref, "tokenizer": tok_ref, "backend": a.backend,
@@ -299,7 +302,8 @@ def _main(a: argparse.Namespace) -> int:
                        "chat_template": use_chat, "fallbacks": a.fallbacks}
         source_desc = f"model ({a.backend})"
 
-    default_name = Path(model_ref).name if model_ref else f"oracle-{a.oracle}" + ("-shuffled" if a.oracle_shuffle else "")
+    oracle_name = f"oracle-{a.oracle}" + ("-shuffled" if a.oracle_shuffle else "")
+    default_name = Path(model_ref).name if model_ref else oracle_name
     out_dir = Path(a.output_dir or Path("runs") / "eval" / default_name)
     if a.overwrite:
         if world > 1:

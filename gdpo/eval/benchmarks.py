@@ -127,7 +127,7 @@ def resolve_benchmarks(spec: str, fields: Mapping[str, str] | None = None) -> li
     >>> resolve_benchmarks("aime2024")
     Traceback (most recent call last):
     ...
-    gdpo.eval.benchmarks.EvalInputError: unknown benchmark 'aime2024' (did you mean 'aime24'?); known: aime24, aime25, amc23, amc, math500, minerva, olympiad, gsm8k, or name=file.jsonl
+    gdpo.eval.benchmarks.EvalInputError: unknown benchmark 'aime2024' (did you mean 'aime24'?); known: ...
     """
     out: list[Benchmark] = []
     for item in (s.strip() for s in spec.split(",")):

@@ -14,7 +14,6 @@ tokenizer). Per benchmark:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -59,7 +58,8 @@ def cluster_answers(answers: Sequence[str | None], same: Callable[[str, str], bo
     first member) `same` judges equal, so the id of answer j depends only on answers 0..j. Identical
     strings are matched without calling `same` (math-verify is the slow part).
 
-    >>> cluster_answers(["1/2", "0.5", None, "3", "\\\\frac12", "3"], lambda a, b: eval(a) == eval(b.replace("\\\\frac12", "1/2")))
+    >>> same = lambda a, b: eval(a) == eval(b.replace("\\\\frac12", "1/2"))
+    >>> cluster_answers(["1/2", "0.5", None, "3", "\\\\frac12", "3"], same)
     [0, 0, -1, 1, 0, 1]
     """
     reps: list[str] = []
@@ -157,7 +157,8 @@ def summarize(
     >>> g = [ProblemGrades([True, False], [0, 1], [10, 30], [False, True]),
     ...      ProblemGrades([False, False], [-1, 0], [20, 40], [False, False])]
     >>> m = summarize(g, pass_ks=[1, 2], maj_ks=[2], exceed_length=25)
-    >>> m["avg@2"], m["pass@2"], m["maj@2"], m["exceed_ratio"], m["mean_length"], m["truncation_rate"], m["no_answer_rate"]
+    >>> m["avg@2"], m["pass@2"], m["maj@2"], m["exceed_ratio"], m["mean_length"], m["truncation_rate"], \\
+    ...     m["no_answer_rate"]
     (0.25, 0.5, 0.5, 0.5, 25.0, 0.25, 0.25)
     """
     if not problems:

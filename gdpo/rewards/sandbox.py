@@ -125,7 +125,8 @@ def run_python(
 
     `files` are extra files written next to main.py. `site_packages=True` drops ``-S`` so the program can
     import the installed packages (numpy...), at ~40 ms more start-up per run; it needs an interpreter outside
-    the world-writable directories (a venv under /tmp is hidden in the sandbox: use the default there). `namespaces=False` skips the
+    the world-writable directories (a venv under /tmp is hidden in the sandbox: use the default there).
+    `namespaces=False` skips the
     pid/net/mount namespaces (for comparison; limits and the private uid still apply where possible).
     Never raises for anything the program does.
 
