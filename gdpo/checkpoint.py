@@ -40,7 +40,6 @@ _NAME = re.compile(r"^step_(\d+)$")
 class TrainerState:
     step: int  # optimizer steps (or loop iterations) completed when saved
     data_state: dict = field(default_factory=dict)  # the prompt iterator's state_dict()
-    extra: dict = field(default_factory=dict)  # JSON-serialisable extras (e.g. running reward stats)
 
 
 def checkpoint_name(step: int) -> str:
@@ -130,7 +129,6 @@ def save_checkpoint(
     data_state: dict | None = None,
     tokenizer=None,
     keep_last: int | None = None,
-    extra: dict | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically; keep the newest `keep_last` (None/0: all). All ranks call."""
     rng_state = capture_rng_state()  # first, so nothing below can advance a generator before it is saved
@@ -155,7 +153,6 @@ def save_checkpoint(
         state = {
             "step": int(step),
             "data_state": data_state or {},
-            "extra": extra or {},
             "world_size": world_size(),
         }
         with open(tmp / STATE_FILE, "w") as f:
@@ -200,5 +197,5 @@ def load_checkpoint(path: str | os.PathLike, *, engine, load_optimizer: bool = T
         torch.load(rng_file, weights_only=False)
     )  # our own file: python/numpy states need pickle
     return TrainerState(
-        step=int(state["step"]), data_state=state.get("data_state", {}), extra=state.get("extra", {})
+        step=int(state["step"]), data_state=state.get("data_state", {})
     )

@@ -345,14 +345,13 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, path)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                pass  # try the next member; the error below names the whole union
         raise ConfigError(f"{path}: got {value!r}, expected {_type_name(tp)}")
     if origin is Literal:
         allowed = typing.get_args(tp)

@@ -109,11 +109,94 @@ def barrier() -> None:
         dist.barrier()
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Collectives. Every one in gdpo goes through these helpers: a process group initialised with NCCL has no CPU
+# backend ("No backend type associated with device type cpu"), so each helper moves its tensor to the group's
+# device (`comm_device`) for the call and copies the result back into the caller's tensor.
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def comm_device() -> torch.device:
+    """The device collectives run on: the current CUDA device under NCCL, the CPU under gloo."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class _Comm:
+    """The raw torch.distributed calls the helpers below make (one seam, so tests can watch every collective)."""
+
+    all_reduce = staticmethod(lambda x, op: dist.all_reduce(x, op=op))
+    all_gather = staticmethod(lambda parts, x: dist.all_gather(parts, x))
+    all_gather_object = staticmethod(lambda out, obj, group: dist.all_gather_object(out, obj, group=group))
+
+
+_comm = _Comm()
+
+
+def _copy_back(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Result of a collective (on the comm device) into the caller's tensor (on its own device)."""
+    dst.copy_(src)
+
+
+def _fetch(src: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A new tensor made by a collective (on the comm device), moved to the caller's device."""
+    return src.to(device)
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Reduce (``sum`` / ``max`` / ``min``) over ranks into ``tensor``, whatever device it is on; returns it.
+    Identity in a world of one."""
+    if op not in _OPS:
+        raise ValueError(f"unknown reduction {op!r}; expected one of {sorted(_OPS)}")
+    if world_size() == 1:
+        return tensor
+    x = tensor.to(comm_device())
+    _comm.all_reduce(x, _OPS[op])
+    if x is not tensor:
+        _copy_back(tensor, x)
+    return tensor
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, in place; returns the tensor. Identity in a world of one."""
-    if world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+    return all_reduce(tensor, "sum")
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank."""
+    return bool(all_reduce(torch.tensor([float(flag)]), "max").item())
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate equally shaped tensors of every rank along dim 0, in rank order (on tensor's device)."""
+    if world_size() == 1:
+        return tensor
+    x = tensor.contiguous().to(comm_device())
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    _comm.all_gather(parts, x)
+    return _fetch(torch.cat(parts), tensor.device)
+
+
+def all_gather_object(obj, group=None) -> list:
+    """Every rank's ``obj`` (picklable), in rank order within ``group`` (None = the world)."""
+    n = dist.get_world_size(group=group) if dist.is_initialized() else 1
+    if n == 1:
+        return [obj]
+    out = [None] * n
+    _comm.all_gather_object(out, obj, group)
+    return out
+
+
+def group_rank(group=None) -> int:
+    return dist.get_rank(group=group) if dist.is_initialized() else 0
+
+
+def new_subgroups(groups: list[list[int]]):
+    """A process group for each list of ranks; returns the one this rank belongs to."""
+    mine, _ = dist.new_subgroups_by_enumeration(ranks_per_subgroup_list=groups)
+    return mine
 
 
 def lr_multiplier(
@@ -297,3 +380,25 @@ def optimizer_step(engine) -> StepStats | None:
     if isinstance(norm, torch.Tensor):
         norm = float(norm)
     return StepStats(grad_norm=norm, lr=lr)
+
+
+def engine_from_config(model: torch.nn.Module, optim, ds, *, total_updates: int, micro_batch_size: int,
+                       grad_accum_steps: int):
+    """`build_engine` from the ``optim`` and ``deepspeed`` config sections (gdpo.config dataclasses)."""
+    return build_engine(
+        model,
+        lr=optim.lr,
+        total_steps=total_updates,
+        betas=tuple(optim.betas),
+        weight_decay=optim.weight_decay,
+        warmup_steps=int(round(optim.warmup_ratio * total_updates)),
+        schedule=optim.schedule,
+        min_lr_ratio=optim.min_lr_ratio,
+        zero_stage=ds.zero_stage,
+        grad_clip=optim.grad_clip,
+        bf16={"auto": None, "true": True, "false": False}[ds.bf16],
+        offload_optimizer=ds.offload_optimizer,
+        offload_params=ds.offload_param,
+        micro_batch_size=micro_batch_size,
+        grad_accum_steps=grad_accum_steps,
+    )

@@ -74,3 +74,69 @@ def tiny_model(vocab_size: int = 259, *, seed: int = 0, tokenizer=None, num_hidd
         model.generation_config.eos_token_id = eos_id
         model.generation_config.pad_token_id = pad_id
     return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fakes for the loop's components (tests of gdpo.sampling / gdpo.trainer without a model).
+
+
+class FakeRolloutEngine:
+    """Returns completions "p<prompt id>s<sample>c<call>" of 2-3 tokens; counts its calls."""
+
+    pad_id = 0
+
+    def __init__(self, group_size_check: int | None = None):
+        self.calls = 0
+        self.group_size_check = group_size_check
+
+    def generate(self, prompt_ids: list[list[int]], n: int):
+        from gdpo.rollout.types import RolloutBatch
+
+        self.calls += 1
+        rows = len(prompt_ids) * n
+        lengths = torch.tensor([2 + (i % 2) for i in range(rows)])
+        comp = torch.arange(1, 4).repeat(rows, 1) * (torch.arange(3)[None, :] < lengths[:, None])
+        width = max(len(p) for p in prompt_ids)
+        prompts = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompt_ids for _ in range(n)])
+        return RolloutBatch(
+            prompt_ids=prompts, prompt_mask=(prompts != 0).long(), completion_ids=comp,
+            completion_mask=(comp != 0).long(), completion_lengths=lengths, truncated=lengths == 3,
+            completion_texts=[f"p{prompt_ids[i // n][0]}s{i % n}c{self.calls}" for i in range(rows)],
+            group_size=n, stats={"rollout/seconds": 0.5, "rollout/completion_tokens": float(lengths.sum())},
+        )
+
+    def sync_weights(self, model) -> None:
+        pass
+
+
+class FakeScorer:
+    """A reward bank whose K rewards are ``fn(prompt_text, completion_text) -> list of K floats``."""
+
+    def __init__(self, names: list[str], fn):
+        self.names = list(names)
+        self.weights = [1.0] * len(names)
+        self.fn = fn
+        self.calls = 0
+
+    def score(self, prompts, completions, completion_lengths=None, columns=None):
+        from gdpo.rewards.bank import RewardResult
+
+        self.calls += 1
+        matrix = torch.tensor([self.fn(p, c) for p, c in zip(prompts, completions)], dtype=torch.float32)
+        zero = {n: 0 for n in self.names}
+        return RewardResult(matrix, self.names, self.weights, {n: 0.01 for n in self.names}, dict(zero), dict(zero))
+
+
+class FakePrompts:
+    """``next()`` yields the next ``per_call`` one-token prompts: ids [k + 1], texts "q<k + 1>", k = 0, 1, ..."""
+
+    def __init__(self, per_call: int, start: int = 0):
+        self.per_call, self.start = per_call, start
+
+    def next(self):
+        from gdpo.data import PromptBatch
+
+        ids = list(range(self.start, self.start + self.per_call))
+        self.start += self.per_call
+        return PromptBatch(indices=ids, prompt_ids=[[i + 1] for i in ids], prompt_texts=[f"q{i + 1}" for i in ids],
+                           answers=[None] * len(ids), extras={})

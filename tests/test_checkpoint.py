@@ -63,7 +63,6 @@ def test_save_load_restores_everything(tmp_path, zero_stage):
         engine=engine,
         data_state={"epoch": 1, "position": 7},
         tokenizer=TOK,
-        extra={"reward_mean": 0.5},
     )
     assert path.name == "step_00000002" and (path / STATE_FILE).is_file()
     saved = _full_params(engine)
@@ -86,7 +85,6 @@ def test_save_load_restores_everything(tmp_path, zero_stage):
     resumed = _engine(zero_stage, seed=9)
     state = load_checkpoint(resolve_resume("auto", tmp_path), engine=resumed)
     assert state.step == 2 and state.data_state == {"epoch": 1, "position": 7}
-    assert state.extra == {"reward_mean": 0.5}
     for a, b in zip(saved, _full_params(resumed)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert resumed.lr_scheduler.last_epoch == engine.lr_scheduler.last_epoch - 3

@@ -32,3 +32,17 @@ def test_check_and_help_config():
     assert p.returncode == 0 and "config OK" in p.stdout
     p = _run("--help-config")
     assert p.returncode == 0 and "advantage.estimator" in p.stdout and "sample std" in p.stdout
+
+
+def test_installed_gdpo_train_script(tmp_path):
+    """The console script pyproject.toml declares (gdpo.cli:train_main) is installed and is train.py."""
+    exe = Path(sys.executable).with_name("gdpo-train")
+    assert exe.is_file(), "gdpo-train is not installed in this environment (pip install -e .)"
+    p = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 0 and "--help-config" in p.stdout and "key=value" in p.stdout
+    p = subprocess.run([str(exe), "--config", str(ROOT / "configs/tiny_gdpo.yaml"), "--check"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 0 and "config OK" in p.stdout, p.stderr
+    p = subprocess.run([str(exe), "--config", str(ROOT / "configs/tiny_gdpo.yaml"), "advantage.estimater=grpo"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 2 and "did you mean 'advantage.estimator'" in p.stderr

@@ -100,7 +100,7 @@ def test_resume_equals_uninterrupted(tiny_dir, tmp_path):
 
 
 def test_constant_groups_need_every_reward_constant():
-    from gdpo.trainer import _constant_groups
+    from gdpo.sampling import constant_groups as _constant_groups
 
     nan = float("nan")
     r = torch.tensor([

@@ -27,7 +27,6 @@ all-reduce the moments between the two; nothing here communicates.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Sequence
 
 import torch
@@ -234,10 +233,3 @@ def torch_advantages(
         rewards, group_size, weights, aggregate=spec.aggregate, group_std=spec.group_std, eps=eps
     )
 
-
-def is_pow2(n: int) -> bool:
-    return n > 0 and (n & (n - 1)) == 0
-
-
-def next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 2 ** math.ceil(math.log2(n))

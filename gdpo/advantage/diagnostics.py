@@ -217,8 +217,30 @@ def advantage_stats(
     aggregate: str | None = None,
     group_std: bool | None = None,
 ) -> dict[str, float]:
-    """Per-step diagnostics. rewards: [N, K] (NaN = does not apply); advantages: [N] under the configured
-    estimator. Returns a flat dict of floats, keys prefixed ``adv/`` (and ``adv/<reward>/...``):
+    """Per-step diagnostics of one batch, as a flat dict (see `record_advantage_stats` for the keys)."""
+    from gdpo.metrics import Metrics
+
+    m = Metrics()
+    record_advantage_stats(m, rewards, advantages, group_size, names, estimator=estimator, weights=weights,
+                           eps=eps, aggregate=aggregate, group_std=group_std)
+    return m.reduce()
+
+
+@torch.no_grad()
+def record_advantage_stats(
+    m,  # gdpo.metrics.Metrics: reduced over ranks by the caller
+    rewards: torch.Tensor,  # [N, K], NaN = does not apply
+    advantages: torch.Tensor,  # [N] under the configured estimator
+    group_size: int,
+    names: Sequence[str],
+    *,
+    estimator: str = "gdpo",
+    weights: Sequence[float] | torch.Tensor | None = None,
+    eps: float = 1e-4,
+    aggregate: str | None = None,
+    group_std: bool | None = None,
+) -> None:
+    """Record the advantage diagnostics of this rank's groups into ``m``; keys prefixed ``adv/``:
 
     - ``<name>/mean``, ``<name>/std``: the reward over applicable rollouts;
     - ``<name>/zero_spread_frac``: share of groups where the reward is constant (it carries no signal there);
@@ -228,6 +250,8 @@ def advantage_stats(
     - ``distinct_per_group``, ``distinct_per_group_grpo``: mean number of distinct advantage values per group,
       and ``collapse_ratio`` = GRPO's / the configured one's (< 1: summing first merges what this keeps apart);
     - ``mean``, ``std``, ``abs_mean``, ``zero_frac`` of the advantages.
+
+    Means, stds and correlations are recorded as moments, so over several ranks they are those of the whole batch.
     """
     n, k = rewards.shape
     if len(names) != k:
@@ -236,18 +260,16 @@ def advantage_stats(
     w = check_inputs(rewards, group_size, weights).double()
     r = rewards.double().view(n // group_size, group_size, k)  # [P, G, K]
     valid = ~torch.isnan(r)
-    out: dict[str, float] = {}
     for j, name in enumerate(names):
-        col = r[..., j][valid[..., j]]
-        out[f"adv/{name}/mean"] = col.mean().item() if col.numel() else float("nan")
-        out[f"adv/{name}/std"] = col.std().item() if col.numel() > 1 else 0.0
+        m.mean_of(f"adv/{name}/mean", r[..., j])
+        m.std(f"adv/{name}/std", r[..., j])
     # zero spread: a group where the reward takes one value (or applies to fewer than two rollouts)
     big = torch.finfo(torch.float64).max
     vmax = torch.where(valid, r, -big).amax(1)  # [P, K]
     vmin = torch.where(valid, r, big).amin(1)  # [P, K]
     zero = (vmax <= vmin) | (valid.sum(1) < 2)  # [P, K]
     for j, name in enumerate(names):
-        out[f"adv/{name}/zero_spread_frac"] = zero[:, j].double().mean().item()
+        m.mean_of(f"adv/{name}/zero_spread_frac", zero[:, j])
     # per-reward contributions to the advantage before batch norm
     if spec.aggregate == "normalize_then_sum":
         contrib = group_zscore(r, valid, use_std=spec.group_std, eps=eps) * w  # [P, G, K]
@@ -263,33 +285,27 @@ def advantage_stats(
             std = ((d * d).sum(1, keepdim=True) / (cnt - 1).clamp(min=1)).sqrt()
             contrib = contrib / (std + eps)
     tot = contrib.abs().sum((0, 1))  # [K]
-    share = tot / tot.sum().clamp(min=1e-300)
     for j, name in enumerate(names):
-        out[f"adv/{name}/share"] = share[j].item()
+        m.ratio(f"adv/{name}/share", tot[j].item(), tot.sum().item(), empty=0.0)
     # pairwise correlations over rollouts where both rewards apply
-    flat, fvalid = r.view(n, k), valid.view(n, k)
+    flat = r.view(n, k)
     for a, b in itertools.combinations(range(k), 2):
-        both = fvalid[:, a] & fvalid[:, b]
-        x, y = flat[both, a], flat[both, b]
-        c = float("nan")
-        if x.numel() > 1 and x.std() > 0 and y.std() > 0:
-            c = torch.corrcoef(torch.stack([x, y]))[0, 1].item()
-        out[f"adv/corr/{names[a]}__{names[b]}"] = c
+        m.corr(f"adv/corr/{names[a]}__{names[b]}", flat[:, a], flat[:, b])
     # collapse: distinct advantage values per group, configured vs GRPO on the same rewards
     from gdpo.advantage import compute_advantages
 
     grpo = compute_advantages(rewards, group_size, "grpo", weights=w.float(), eps=eps, backend="torch")
-    d_cfg = _distinct_per_group(advantages, group_size).item()
-    d_grpo = _distinct_per_group(grpo, group_size).item()
-    out["adv/distinct_per_group"] = d_cfg
-    out["adv/distinct_per_group_grpo"] = d_grpo
-    out["adv/collapse_ratio"] = d_grpo / d_cfg if d_cfg > 0 else float("nan")
+    groups = n // group_size
+    d_cfg = _distinct_per_group(advantages, group_size).item() * groups
+    d_grpo = _distinct_per_group(grpo, group_size).item() * groups
+    m.mean("adv/distinct_per_group", d_cfg, groups)
+    m.mean("adv/distinct_per_group_grpo", d_grpo, groups)
+    m.ratio("adv/collapse_ratio", d_grpo, d_cfg)
     a = advantages.double()
-    out["adv/mean"] = a.mean().item()
-    out["adv/std"] = a.std().item() if n > 1 else 0.0
-    out["adv/abs_mean"] = a.abs().mean().item()
-    out["adv/zero_frac"] = (a == 0).double().mean().item()
-    return out
+    m.mean_of("adv/mean", a)
+    m.std("adv/std", a)
+    m.mean_of("adv/abs_mean", a.abs())
+    m.mean_of("adv/zero_frac", (a == 0).double())
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -207,17 +206,6 @@ def make_sft_examples(n: int, seed: int, hard_fraction: float = 0.3) -> list[dic
         completion, flaws = _sft_completion(rng, steps, int(row["answer"]))
         rows.append({**row, "completion": completion, "flaws": flaws})
     return rows
-
-
-def vocabulary_words() -> list[str]:
-    """Every word the task can produce (prompts, completions, system prompt, chat roles)."""
-    texts: list[str] = [t for t, _ in EASY_TEMPLATES + HARD_TEMPLATES]
-    texts += list(NAMES) + list(ITEMS) + list(FILLER) + list(EXTRA_TEXT) + [SYSTEM_PROMPT]
-    texts += ["system", "user", "assistant"]
-    words = set()
-    for text in texts:
-        words.update(re.findall(r"[A-Za-z]+", re.sub(r"\{[a-z]\}|<[^>]*>", " ", text)))
-    return sorted(words)
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, object]]) -> None:

@@ -194,6 +194,8 @@ def _make_engine(a, model_ref: str, tokenizer, device: str | None):
 
     sampling = SamplingParams(max_new_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
                               top_k=a.top_k, stop_strings=tuple(a.stop))
+    from gdpo.rollout.factory import make_rollout_engine
+
     if a.backend == "vllm":
         try:
             import vllm  # noqa: F401
@@ -201,47 +203,30 @@ def _make_engine(a, model_ref: str, tokenizer, device: str | None):
             raise EvalInputError(
                 f"--backend vllm needs the vllm package (pip install 'gdpo[vllm]'): {_first_line(e)}"
             ) from None
+        # No trainer model to push weights from: vLLM loads them from model_ref itself, and never sleeps.
         try:
-            from gdpo.rollout.vllm import VLLMRolloutEngine
-        except ImportError as e:
-            raise EvalInputError(f"--backend vllm: gdpo.rollout.vllm is not available ({_first_line(e)}); "
-                                 "use --backend hf") from None
-        return _build_vllm(VLLMRolloutEngine, a, model_ref, tokenizer, sampling)
-
-    from gdpo.policy.model import load_causal_lm
-    from gdpo.rollout import HFRolloutEngine
+            return make_rollout_engine(
+                "vllm", None, tokenizer, sampling, model_path=model_ref,
+                gpu_memory_utilization=a.gpu_memory_utilization, tensor_parallel_size=a.tensor_parallel_size,
+                sleep=False, seed=a.seed, max_model_len=a.max_model_len, dtype=a.dtype,
+                llm_kwargs={"trust_remote_code": a.trust_remote_code},
+            )
+        except Exception as e:  # noqa: BLE001
+            raise EvalInputError(f"cannot start vLLM for {model_ref!r}: {_first_line(e)}") from None
 
     import torch
 
+    from gdpo.policy.model import load_causal_lm, resolve_dtype
+
     if not torch.cuda.is_available():  # transformers imports DeepSpeed while loading; spare its CPU warning
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    dtype = None if a.dtype == "auto" else getattr(torch, a.dtype)
+    dtype = resolve_dtype(a.dtype)
     try:
         model = load_causal_lm(model_ref, dtype=dtype, device=device, trust_remote_code=a.trust_remote_code)
     except Exception as e:  # noqa: BLE001
         raise EvalInputError(f"cannot load model {model_ref!r}: {_first_line(e)}") from None
     model.eval()
-    return HFRolloutEngine(model, tokenizer, sampling, generation_batch_size=a.generation_batch_size)
-
-
-def _build_vllm(cls, a, model_ref: str, tokenizer, sampling):
-    # No trainer model to push weights from: vLLM loads them from model_ref itself, and never sleeps.
-    try:
-        return cls(
-            None,
-            tokenizer,
-            sampling,
-            model_path=model_ref,
-            gpu_memory_utilization=a.gpu_memory_utilization,
-            tensor_parallel_size=a.tensor_parallel_size,
-            sleep=False,
-            seed=a.seed,
-            max_model_len=a.max_model_len,
-            dtype=a.dtype,
-            llm_kwargs={"trust_remote_code": a.trust_remote_code},
-        )
-    except Exception as e:  # noqa: BLE001
-        raise EvalInputError(f"cannot start vLLM for {model_ref!r}: {_first_line(e)}") from None
+    return make_rollout_engine("hf", model, tokenizer, sampling, generation_batch_size=a.generation_batch_size)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -160,10 +160,6 @@ def resolve_benchmarks(spec: str, fields: Mapping[str, str] | None = None) -> li
     return out
 
 
-def default_data_dir() -> str | None:
-    return os.environ.get(DATA_DIR_ENV) or None
-
-
 def _read_jsonl(path: Path, bench: str) -> list[dict]:
     rows = []
     with open(path, encoding="utf-8") as f:

@@ -29,6 +29,20 @@ def default_dtype(device: torch.device | str | None = None) -> torch.dtype:
     return torch.bfloat16 if dev.type == "cuda" else torch.float32
 
 
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype | None:
+    """The torch dtype for a config / CLI name (``auto`` = None: `default_dtype` of the device decides).
+
+    >>> resolve_dtype("bfloat16"), resolve_dtype("auto")
+    (torch.bfloat16, None)
+    """
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def load_causal_lm(
     name_or_path: str | os.PathLike,
     *,

@@ -307,6 +307,11 @@ class RewardBank:
         self._task_id = 0
         self._logged: set[str] = set()
 
+    @classmethod
+    def from_config(cls, cfg) -> "RewardBank":
+        """A bank from the ``rewards`` config section (gdpo.config.RewardsConfig)."""
+        return cls(cfg.functions, num_workers=cfg.num_workers, timeout_s=cfg.timeout_s)
+
     def _condition_order(self) -> list[int]:
         """Indices of conditioned rewards, each after the reward it depends on; ValueError on a bad graph."""
         for name, cond in zip(self.names, self.conditions):

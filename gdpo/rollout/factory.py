@@ -49,3 +49,38 @@ def make_rollout_engine(
             raise ValueError("backend 'vllm' needs model_path: the checkpoint vLLM builds its engine from")
         return VLLMRolloutEngine(model, tokenizer, sampling, model_path=model_path, **vllm_kwargs)
     raise ValueError(f"unknown rollout backend {backend!r}; expected one of {BACKENDS}")
+
+
+def sampling_from_config(rc, *, return_logprobs: bool = False) -> SamplingParams:
+    """SamplingParams from the ``rollout`` config section (gdpo.config.RolloutConfig)."""
+    return SamplingParams(
+        max_new_tokens=rc.max_new_tokens,
+        min_new_tokens=rc.min_new_tokens,
+        temperature=rc.temperature,
+        top_p=rc.top_p,
+        top_k=rc.top_k,
+        stop_strings=tuple(rc.stop),
+        return_logprobs=return_logprobs,
+    )
+
+
+def rollout_engine_from_config(
+    rc, model, tokenizer, *, model_path: str, seed: int, return_logprobs: bool = False
+) -> RolloutEngine:
+    """The training rollout engine from the ``rollout`` config section. ``model``: the DeepSpeed engine (hf
+    gathers ZeRO-3 weights through it once per call; vllm pushes weights from its module)."""
+    return make_rollout_engine(
+        rc.backend,
+        model if rc.backend == "hf" else getattr(model, "module", model),
+        tokenizer,
+        sampling_from_config(rc, return_logprobs=return_logprobs),
+        generation_batch_size=rc.generation_batch_size or None,
+        fast_decode=rc.hf_fast_decode,
+        model_path=model_path,
+        gpu_memory_utilization=rc.vllm_gpu_memory_utilization,
+        tensor_parallel_size=rc.vllm_tensor_parallel_size,
+        sleep=rc.vllm_sleep,
+        sync_chunk_mb=rc.weight_sync_chunk_mb,
+        sync_timeout_s=rc.weight_sync_timeout_s,
+        seed=seed,
+    )

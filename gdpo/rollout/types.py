@@ -108,6 +108,46 @@ class RolloutBatch:
             stats=dict(self.stats),
         )
 
+    def select_groups(self, groups: torch.Tensor | Sequence[int]) -> "RolloutBatch":
+        """The rows of the given groups (prompt indices [P']), in that order: [P' * G] rows."""
+        g = torch.as_tensor(groups, dtype=torch.long).view(-1, 1)  # [P', 1]
+        return self.rows((g * self.group_size + torch.arange(self.group_size)).flatten())  # [P' * G]
+
+    @staticmethod
+    def cat(parts: Sequence["RolloutBatch"], pad_id: int) -> "RolloutBatch":
+        """Concatenate batches of one group size whose prompt / completion widths differ: prompts are
+        left-padded (with pad_id, mask 0) to the widest, completions right-padded. ``stats`` (per-call timings)
+        are not merged: the caller that made the calls aggregates them."""
+        if not parts:
+            raise ValueError("RolloutBatch.cat needs at least one batch")
+        if len({b.group_size for b in parts}) > 1:
+            raise ValueError(f"cannot concatenate group sizes {sorted({b.group_size for b in parts})}")
+        if len(parts) == 1:
+            return parts[0]
+        p_w = max(b.prompt_len for b in parts)
+        t_w = max(b.completion_ids.shape[1] for b in parts)
+
+        def left(x: torch.Tensor, value) -> torch.Tensor:
+            return torch.nn.functional.pad(x, (p_w - x.shape[1], 0), value=value)
+
+        def right(x: torch.Tensor, value) -> torch.Tensor:
+            return torch.nn.functional.pad(x, (0, t_w - x.shape[1]), value=value)
+
+        logps = None
+        if all(b.sampling_logprobs is not None for b in parts):
+            logps = torch.cat([right(b.sampling_logprobs, 0.0) for b in parts])
+        return RolloutBatch(
+            prompt_ids=torch.cat([left(b.prompt_ids, pad_id) for b in parts]),
+            prompt_mask=torch.cat([left(b.prompt_mask, 0) for b in parts]),
+            completion_ids=torch.cat([right(b.completion_ids, pad_id) for b in parts]),
+            completion_mask=torch.cat([right(b.completion_mask, 0) for b in parts]),
+            completion_lengths=torch.cat([b.completion_lengths for b in parts]),
+            truncated=torch.cat([b.truncated for b in parts]),
+            completion_texts=[t for b in parts for t in b.completion_texts],
+            group_size=parts[0].group_size,
+            sampling_logprobs=logps,
+        )
+
     def to(self, device: torch.device | str) -> "RolloutBatch":
         return replace(
             self,
@@ -123,7 +163,7 @@ class RolloutBatch:
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """A rollout backend: hf (`transformers.generate`) now, vLLM later."""
+    """A rollout backend: hf (gdpo's own decode loop on the live policy) or vllm (a colocated engine)."""
 
     def generate(self, prompt_ids: list[list[int]], n: int) -> RolloutBatch:
         """Sample n completions for each prompt; rows i*n .. (i+1)*n-1 belong to prompt i."""

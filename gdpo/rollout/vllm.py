@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from gdpo import distributed as gd
 from gdpo.rollout.hf import _left_pad
 from gdpo.rollout.types import RolloutBatch, SamplingParams, timing_stats
 
@@ -231,8 +232,7 @@ class VLLMRolloutEngine:
                 kv_cache_memory_bytes = 1 << 30
 
         # Ranks of a multi-rank trainer: one engine each; a TP group shares one sharded engine.
-        self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self.world, self.rank = gd.world_size(), gd.rank()
         self.tp = int(tensor_parallel_size)
         if self.world % self.tp:
             raise ValueError(
@@ -244,9 +244,7 @@ class VLLMRolloutEngine:
             kwargs["distributed_executor_backend"] = "external_launcher"
             if self.tp > 1:
                 # every rank must create every subgroup, in the same order
-                self._tp_group, _ = torch.distributed.new_subgroups_by_enumeration(
-                    [list(range(i, i + self.tp)) for i in range(0, self.world, self.tp)]
-                )
+                self._tp_group = gd.new_subgroups([list(range(i, i + self.tp)) for i in range(0, self.world, self.tp)])
             seed = seed + self.rank // self.tp  # same seed inside a TP group, different across groups
 
         if dtype is None:
@@ -436,9 +434,8 @@ class VLLMRolloutEngine:
         all-gather the group's prompts; returns them and the offset of this rank's own prompts."""
         if self._tp_group is None:
             return prompts, 0
-        parts: list[list[list[int]] | None] = [None] * self.tp
-        torch.distributed.all_gather_object(parts, prompts, group=self._tp_group)
-        me = torch.distributed.get_rank(group=self._tp_group)
+        parts = gd.all_gather_object(prompts, group=self._tp_group)
+        me = gd.group_rank(self._tp_group)
         return [p for part in parts for p in part], sum(len(part) for part in parts[:me])
 
     @torch.no_grad()

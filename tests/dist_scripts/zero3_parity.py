@@ -9,11 +9,10 @@ Rank 0 writes OUT.json (numbers) and OUT.pt (parameters, gathered); the test com
    outside a forward.
 2. GDPO advantages of a fixed batch split by whole groups across ranks as gdpo/trainer.py splits prompts, with
    the batch moments all-reduced (the trainer's `reduce_moments`), gathered back; also rank-local ones.
-3. Two optimizer steps of the clipped policy loss on that batch, run like the trainer's update phase with
-   loss.epochs=2 (old log-probs from one no-grad pass, micro-batches of MICRO rows, `optimizer_step` after
-   each backward), for seq_mean_token_mean, token_mean with the per-rank token count (the trainer's today) and
-   token_mean with the global count. Plus the same two steps in plain torch (AdamW, clipping) on the whole
-   batch: the reference that no DeepSpeed code touches.
+3. Two optimizer steps of the clipped policy loss on that batch through the trainer's own update
+   (`gdpo.update.update_policy`: old log-probs from one no-grad pass, micro-batches of MICRO rows, the global
+   token count for token_mean), for seq_mean_token_mean and token_mean. Plus the same two steps in plain torch
+   (AdamW, clipping) on the whole batch: the reference that no DeepSpeed code touches.
 4. (N > 1) ZeRO-2, and ZeRO-3 + CPU optimizer offload: one step each.
 5. (N > 1) all-gather collectives during one HFRolloutEngine.generate vs a plain `generate` on the ZeRO-3
    module, for 2 and 8 new tokens; then one training step on the same engine.
@@ -31,9 +30,11 @@ def main(out: str) -> None:
 
     import gdpo.distributed as gd
     from gdpo.advantage import compute_advantages
+    from gdpo.plan import plan_batches
     from gdpo.policy.loss import policy_loss
     from gdpo.policy.model import token_logprobs
     from gdpo.testing import tiny_model, tiny_tokenizer
+    from gdpo.update import TrainTensors, frozen_logprobs, update_policy
 
     t_start = time.perf_counter()
     torch.set_num_threads(1)
@@ -97,12 +98,7 @@ def main(out: str) -> None:
     rewards[:, 1] = (rewards[:, 1] > 0.5).float()  # a binary reward
     rewards[torch.rand(N, generator=g) < 0.25, 2] = float("nan")  # a conditional reward: NaN = does not apply
 
-    def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
-        if world == 1:
-            return x
-        parts = [torch.empty_like(x) for _ in range(world)]
-        torch.distributed.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
+    all_gather_rows = gd.all_gather_rows
 
     def reduce_moments(m: torch.Tensor) -> torch.Tensor:  # the trainer's
         return gd.all_reduce_sum(m.clone())
@@ -121,51 +117,26 @@ def main(out: str) -> None:
                                zero_stage=zero_stage, grad_clip=CLIP, offload_optimizer=offload,
                                micro_batch_size=MICRO, grad_accum_steps=len(rows) // MICRO)
 
-    def logprobs(engine, r):
-        """token_logprobs through DeepSpeedEngine.forward (the module's forward swapped for one call).
-
-        DeepSpeed 0.19 does per-micro-batch bookkeeping in engine.forward: ZeRO-3 advances its micro-step
-        counter there, and without it the gradients of micro-batches 2.. overwrite instead of accumulating
-        (measured: parameters off by 2 lr per step). token_logprobs runs the decoder and the LM head itself,
-        so calling it on engine.module skips that.
-        """
-        module = engine.module
-        module.forward = lambda i, a: token_logprobs(module, i, a, P)  # shadows the class's forward
-        try:
-            return engine(ids[r], attn[r]).logprobs
-        finally:
-            del module.forward
-
     def full_params(model) -> dict[str, torch.Tensor]:
         params = dict(model.named_parameters())
         with deepspeed.zero.GatheredParameters(list(params.values())):  # no-op unless ZeRO-3 partitioned
             return {k: v.detach().clone() for k, v in params.items()}
 
-    def token_count(global_tokens: bool) -> float:
-        tokens = cmask[rows].sum()
-        if global_tokens:  # divide by global count / world: DeepSpeed averages the gradients over ranks
-            tokens = gd.all_reduce_sum(tokens.clone()) / world
-        return tokens.item()
-
-    def train(engine, steps: int, aggregation: str, global_tokens: bool):
-        grad_accum = len(rows) // MICRO
-        mb_tokens = token_count(global_tokens) / grad_accum  # as the trainer: engine.backward divides by it
-        with torch.no_grad():
-            old = token_logprobs(engine.module, ids[rows], attn[rows], P).logprobs
+    def train(engine, steps: int, aggregation: str):
+        """`steps` optimizer steps of the trainer's own update (gdpo.update.update_policy) on this rank's rows:
+        old log-probs from one no-grad pass, then one epoch of one minibatch per step, micro-batches of MICRO."""
+        plan = plan_batches(prompts_per_step=GROUPS, group_size=G, world_size=world, micro_batch_size=MICRO)
+        x = TrainTensors(ids[rows], attn[rows], cmask[rows], P, None)
+        frozen = frozen_logprobs(engine.module, None, x, need_old=True, micro_batch_size=MICRO, temperature=1.0,
+                                 chunk_size=128)
+        kwargs = dict(eps_low=0.2, eps_high=0.28, aggregation=aggregation)
         losses, norms, after = [], [], []
         for _ in range(steps):
-            step_loss = 0.0
-            for u in range(0, len(rows), MICRO):
-                r = rows[u : u + MICRO]
-                o = slice(u, u + MICRO)
-                loss, _ = policy_loss(logprobs(engine, r), old[o], adv[o], cmask[r], eps_low=0.2,
-                                      eps_high=0.28, aggregation=aggregation, num_tokens=mb_tokens)
-                engine.backward(loss)
-                stats = gd.optimizer_step(engine)
-                step_loss += loss.item() / grad_accum
+            st = update_policy(engine, x, adv, frozen, plan, loss_kwargs=kwargs, temperature=1.0, chunk_size=128)
             # the objective the rank-averaged gradient descends: the mean of the ranks' losses
+            step_loss = st.means["loss"]  # mean over the micro-batches: this rank's loss of the step
             losses.append(gd.all_reduce_sum(torch.tensor([step_loss], dtype=torch.float64)).item() / world)
-            norms.append(stats.grad_norm)
+            norms.append(st.grad_norm)
             after.append(full_params(engine.module))
         return losses, norms, after
 
@@ -189,9 +160,8 @@ def main(out: str) -> None:
 
     # ---- 1. + 3.
     params = {"init": full_params(tiny_model(tokenizer=tok, seed=0))}
-    runs = (("seq_mean", "seq_mean_token_mean", False), ("token_mean_local", "token_mean", False),
-            ("token_mean_global", "token_mean", True))
-    for mode, aggregation, global_tokens in runs:
+    runs = (("seq_mean", "seq_mean_token_mean"), ("token_mean", "token_mean"))
+    for mode, aggregation in runs:
         engine = make_engine(3)
         if mode == "seq_mean":
             ps = list(engine.module.parameters())
@@ -202,7 +172,7 @@ def main(out: str) -> None:
             res["resident_numel"] = all_gather_rows(torch.tensor([sum(p.numel() for p in ps)])).tolist()
             fp32 = sum(t.numel() for t in engine.optimizer.fp32_partitioned_groups_flat)
             res["optimizer_fp32_numel"] = all_gather_rows(torch.tensor([fp32])).tolist()
-        losses, norms, after = train(engine, STEPS, aggregation, global_tokens)
+        losses, norms, after = train(engine, STEPS, aggregation)
         res[f"{mode}/loss"], res[f"{mode}/grad_norm"] = losses, norms
         for s, p in enumerate(after, 1):
             params[f"{mode}/step{s}"] = p
@@ -217,7 +187,7 @@ def main(out: str) -> None:
             engine = make_engine(stage, offload)
             res[f"{mode}/optimizer"] = type(engine.optimizer.optimizer).__name__
             res[f"{mode}/offload"] = bool(engine.zero_cpu_offload())
-            losses, norms, after = train(engine, 1, "seq_mean_token_mean", False)
+            losses, norms, after = train(engine, 1, "seq_mean_token_mean")
             res[f"{mode}/loss"], res[f"{mode}/grad_norm"] = losses, norms
             params[f"{mode}/step1"] = after[0]
 
@@ -246,7 +216,7 @@ def main(out: str) -> None:
             # the full weights gathered for generation must be freed again afterwards
             available = sum(p.ds_status == ZeroParamStatus.AVAILABLE for p in module.parameters())
             res[f"gen/available_after/{new}"] = available
-        res["gen/train_loss"], _, after = train(engine, 1, "seq_mean_token_mean", False)
+        res["gen/train_loss"], _, after = train(engine, 1, "seq_mean_token_mean")
         params["gen/train_step1"] = after[0]
 
     res["seconds"] = time.perf_counter() - t_start

@@ -1,0 +1,183 @@
+"""Everything a training run builds before its first step, in one `TrainContext`.
+
+`setup(cfg)` is the only place that turns the config into components: each is built from its own config section
+(`RewardBank.from_config(cfg.rewards)`, the rollout engine from `cfg.rollout`, the DeepSpeed engine from
+`cfg.optim` + `cfg.deepspeed`, the logger from `cfg.logging`); the maths get flat arguments.
+
+Seeds: every rank seeds identically first (identical initial weights and data order); after set-up, rank r > 0
+re-seeds its own streams with seed + r, so ranks sample different rollouts (rank 0 keeps the stream of a
+one-process run, so a world of one is unchanged). The RNG states are saved per rank in checkpoints.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gdpo import distributed as dist
+from gdpo.config import Config, ConfigError, to_dict
+from gdpo.data import PromptDataset, PromptIterator
+from gdpo.metrics import RunLogger
+from gdpo.plan import BatchPlan, plan_batches
+from gdpo.rewards import RewardBank
+from gdpo.rollout.types import RolloutEngine
+from gdpo.sampling import RankPrompts
+
+
+@dataclass
+class TrainContext:
+    cfg: Config
+    info: dist.DistInfo
+    plan: BatchPlan
+    run_dir: Path
+    tokenizer: Any
+    engine: Any  # the DeepSpeed engine around the policy
+    ref_model: torch.nn.Module | None  # None when loss.beta == 0
+    rollout: RolloutEngine
+    bank: RewardBank
+    prompts: RankPrompts
+    logger: RunLogger
+    start_step: int
+    loss_kwargs: dict[str, Any]  # policy_loss keyword arguments fixed for the run
+    adv_kwargs: dict[str, Any]  # compute_advantages / advantage_stats keyword arguments fixed for the run
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_demo(cfg: Config, run_dir: Path) -> tuple[str, str, str | None]:
+    """(model path, data path, system prompt) with ``demo`` replaced by the embedded task's files; the demo model
+    is warm-started once on rank 0 and cached in the run directory."""
+    model_path, data_path, system_prompt = cfg.model.name_or_path, cfg.data.path, cfg.data.system_prompt
+    if model_path != "demo" and data_path != "demo":
+        return model_path, data_path, system_prompt
+    from gdpo.demo import DEMO, TRAIN_FILE, warm_start
+
+    if model_path == "demo":
+        if dist.is_main():
+            warm_start(run_dir, seed=cfg.train.seed)
+        dist.barrier()
+        model_path = str(run_dir / "sft")
+    if data_path == "demo":
+        data_path = str(TRAIN_FILE)
+        # the warm start saw no system turn, so by default RL prompts have none either
+        system_prompt = system_prompt if system_prompt is not None else DEMO.system_prompt
+    return model_path, data_path, system_prompt
+
+
+def load_models(cfg: Config, model_path: str, device: torch.device):
+    """(tokenizer, policy, reference or None)."""
+    from gdpo.policy.model import load_causal_lm, load_reference_model, load_tokenizer, resolve_dtype
+
+    mc = cfg.model
+    if not (Path(model_path).exists() or "/" in model_path):
+        raise ConfigError(f"model.name_or_path: {model_path!r} is neither a local directory nor a hub id")
+    try:
+        tokenizer = load_tokenizer(mc.tokenizer or model_path, trust_remote_code=mc.trust_remote_code)
+    except OSError as e:
+        raise ConfigError(f"model.tokenizer: cannot load {mc.tokenizer or model_path!r} ({e})") from None
+    kwargs = dict(dtype=resolve_dtype(mc.dtype), device=device, attn_implementation=mc.attn_implementation,
+                  trust_remote_code=mc.trust_remote_code)
+    try:
+        model = load_causal_lm(model_path, gradient_checkpointing=mc.gradient_checkpointing, **kwargs)
+        ref_model = load_reference_model(mc.ref_name_or_path or model_path, beta=cfg.loss.beta, **kwargs)
+    except OSError as e:
+        raise ConfigError(f"model.name_or_path: cannot load {model_path!r} ({e})") from None
+    return tokenizer, model, ref_model
+
+
+def load_data(cfg: Config, data_path: str, system_prompt: str | None, tokenizer) -> PromptDataset:
+    from gdpo.data import load_prompt_dataset
+
+    dc = cfg.data
+    try:
+        return load_prompt_dataset(
+            data_path, tokenizer, split=dc.split, limit=dc.max_samples, prompt_field=dc.prompt_field,
+            answer_field=dc.answer_field, extra_fields=dc.columns, system_prompt=system_prompt,
+            prompt_template=dc.prompt_template or "{prompt}",
+            use_chat_template=dc.use_chat_template and not dc.prompt_template,
+            max_prompt_tokens=dc.max_prompt_tokens, on_error=dc.on_bad_row,
+        )
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"data.path: {data_path!r}: {e}") from None
+
+
+def resume(cfg: Config, run_dir: Path, engine, order: PromptIterator, rollout: RolloutEngine) -> int:
+    """Load ``checkpoint.resume`` (if any) into the engine and the data order; returns the step it ended."""
+    from gdpo import checkpoint as ckpt
+
+    path = ckpt.resolve_resume(cfg.checkpoint.resume, run_dir)
+    if path is None:
+        return 0
+    state = ckpt.load_checkpoint(path, engine=engine)
+    order.load_state_dict(state.data_state)
+    rollout.sync_weights(engine.module)
+    if dist.is_main():
+        print(f"resumed from {path} at step {state.step}", flush=True)
+    return state.step
+
+
+def setup(cfg: Config) -> TrainContext:
+    """Processes, seeds, batch plan, models, data, reward bank, engines, resume and logger, in that order."""
+    from gdpo.rollout.factory import rollout_engine_from_config
+
+    info = dist.init_distributed()
+    run_dir = Path(cfg.train.run_dir)
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.train.seed)  # the same on every rank: identical initial weights and data order
+    plan = plan_batches(prompts_per_step=cfg.rollout.prompts_per_step, group_size=cfg.rollout.group_size,
+                        world_size=info.world_size, minibatch_size=cfg.loss.minibatch_size,
+                        micro_batch_size=cfg.loss.micro_batch_size, epochs=cfg.loss.epochs)
+    model_path, data_path, system_prompt = resolve_demo(cfg, run_dir)
+    tokenizer, model, ref_model = load_models(cfg, model_path, info.device)
+    dataset = load_data(cfg, data_path, system_prompt, tokenizer)
+    order = PromptIterator(len(dataset), cfg.rollout.prompts_per_step, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+    try:
+        bank = RewardBank.from_config(cfg.rewards)
+    except ValueError as e:
+        raise ConfigError(f"rewards: {e}") from None
+    engine = dist.engine_from_config(model, cfg.optim, cfg.deepspeed,
+                                     total_updates=cfg.train.steps * plan.updates_per_step,
+                                     micro_batch_size=plan.micro_batch_rows, grad_accum_steps=plan.grad_accum)
+    try:
+        rollout = rollout_engine_from_config(
+            cfg.rollout, engine, tokenizer, model_path=model_path, seed=cfg.train.seed,
+            return_logprobs=cfg.rollout.backend != "hf" and cfg.loss.is_correction)
+    except ValueError as e:
+        raise ConfigError(f"rollout.backend: {e}") from None
+    start_step = resume(cfg, run_dir, engine, order, rollout)
+    logger = RunLogger.from_config(cfg.logging, run_dir, active=dist.is_main(), total_steps=cfg.train.steps,
+                                   start_step=start_step, config=to_dict(cfg), reward_names=bank.names)
+    if info.rank > 0:
+        seed_everything(cfg.train.seed + info.rank)  # this rank's own sampling stream (see the module docstring)
+    if dist.is_main():
+        skipped = f", skipped {dataset.skipped}" if dataset.skipped else ""
+        print(f"gdpo: {len(dataset)} prompts{skipped}; {cfg.rollout.prompts_per_step} prompts x "
+              f"G={cfg.rollout.group_size} per step; rewards {bank.names}; estimator {cfg.advantage.estimator}; "
+              f"{info.world_size} process(es) on {info.device.type}; run dir {run_dir}", flush=True)
+    ac = cfg.advantage
+    return TrainContext(
+        cfg=cfg, info=info, plan=plan, run_dir=run_dir, tokenizer=tokenizer, engine=engine, ref_model=ref_model,
+        rollout=rollout, bank=bank, prompts=RankPrompts(dataset, order, info.rank, plan.prompts_per_rank),
+        logger=logger, start_step=start_step,
+        loss_kwargs=dict(eps_low=cfg.loss.eps_low, eps_high=cfg.loss.eps_high, aggregation=cfg.loss.aggregation,
+                         beta=cfg.loss.beta, max_len=cfg.rollout.max_new_tokens),
+        adv_kwargs=dict(estimator=ac.estimator, eps=ac.eps, aggregate=ac.aggregate, group_std=ac.group_std),
+    )

@@ -1,0 +1,94 @@
+"""update_policy (epochs x minibatches x micro-batches through the DeepSpeed engine) against plain torch AdamW."""
+
+import pytest
+import torch
+
+from gdpo.distributed import build_engine
+from gdpo.plan import plan_batches
+from gdpo.policy.loss import policy_loss
+from gdpo.policy.model import token_logprobs
+from gdpo.testing import tiny_model, tiny_tokenizer
+from gdpo.update import TrainTensors, frozen_logprobs, update_policy
+
+N, P, T, LR, CLIP = 8, 4, 6, 1e-3, 1.0
+
+
+def _batch():
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 256, (N, P + T), generator=g)
+    lengths = torch.tensor([6, 1, 3, 6, 2, 5, 4, 6])
+    cmask = (torch.arange(T)[None, :] < lengths[:, None]).float()
+    attn = torch.cat([torch.ones(N, P, dtype=torch.long), cmask.long()], 1)
+    attn[[1, 4], 0] = 0  # left padding
+    adv = torch.randn(N, generator=g)
+    return TrainTensors(ids, attn, cmask, P, None), adv
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
+def test_update_policy_equals_plain_torch_adamw(aggregation):
+    """2 epochs x 2 minibatches of 4 rows in micro-batches of 2: 4 AdamW steps, each on the minibatch's summed
+    gradient (token_mean over the minibatch's tokens), clipped; the same shuffled minibatches in both."""
+    tok = tiny_tokenizer()
+    x, adv = _batch()
+    plan = plan_batches(prompts_per_step=4, group_size=2, world_size=1, minibatch_size=4, micro_batch_size=2,
+                        epochs=2)
+    assert (plan.grad_accum, plan.updates_per_step) == (2, 4)
+    engine = build_engine(tiny_model(tokenizer=tok, seed=0), lr=LR, total_steps=4, grad_clip=CLIP,
+                          micro_batch_size=2, grad_accum_steps=2)
+    kwargs = dict(eps_low=0.2, eps_high=0.28, aggregation=aggregation, beta=0.0, max_len=T)
+    frozen = frozen_logprobs(engine.module, None, x, need_old=True, micro_batch_size=2, temperature=1.0,
+                             chunk_size=4)
+    torch.manual_seed(123)
+    stats = update_policy(engine, x, adv, frozen, plan, loss_kwargs=kwargs, temperature=1.0, chunk_size=4)
+
+    ref = tiny_model(tokenizer=tok, seed=0).train()
+    opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.0)
+    with torch.no_grad():
+        old = token_logprobs(ref, x.input_ids, x.attention_mask, P).logprobs
+    torch.testing.assert_close(old, frozen.old, atol=1e-6, rtol=0)
+    torch.manual_seed(123)
+    norms = []
+    for _ in range(2):
+        order = torch.randperm(N)
+        for s in (0, 4):
+            mb = order[s : s + 4]
+            lp = token_logprobs(ref, x.input_ids[mb], x.attention_mask[mb], P).logprobs
+            loss, _ = policy_loss(lp, old[mb], adv[mb], x.completion_mask[mb], **kwargs)
+            loss.backward()
+            norms.append(torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP).item())
+            opt.step()
+            opt.zero_grad()
+    assert stats.micro_batches == 8 and len(stats.grad_norms) == 4
+    assert stats.grad_norms == pytest.approx(norms, rel=1e-4)
+    assert stats.lr == pytest.approx(LR)
+    init = dict(tiny_model(tokenizer=tok, seed=0).named_parameters())
+    moved = 0.0
+    for name, p in engine.module.named_parameters():
+        q = dict(ref.named_parameters())[name]
+        tol = 2 * 4 * LR if name.endswith("k_proj.bias") else 2e-6  # k bias: softmax-invariant, rounding noise
+        assert (p.detach() - q.detach()).abs().max().item() < tol, name
+        moved = max(moved, (p.detach() - init[name].detach()).abs().max().item())
+    assert moved > 0.5 * LR  # the steps really moved the weights
+    assert set(stats.means) >= {"loss", "policy_loss", "clip_frac_low", "clip_frac_high", "entropy"}
+    assert "logprob_gap" not in stats.means  # no sampling log-probs: nothing to compare
+
+
+def test_one_update_reuses_the_current_forward_and_reports_the_sampling_gap():
+    tok = tiny_tokenizer()
+    x, adv = _batch()
+    x.sampling_logprobs = torch.full((N, T), -3.0) * x.completion_mask
+    plan = plan_batches(prompts_per_step=4, group_size=2, world_size=1)
+    assert plan.reuse_current_logprobs
+    engine = build_engine(tiny_model(tokenizer=tok, seed=0), lr=LR, total_steps=1, grad_clip=CLIP,
+                          micro_batch_size=N, grad_accum_steps=1)
+    frozen = frozen_logprobs(engine.module, None, x, need_old=False, micro_batch_size=N, temperature=1.0,
+                             chunk_size=4)
+    assert frozen.old is None and frozen.ref is None
+    with torch.no_grad():
+        cur = token_logprobs(engine.module.eval(), x.input_ids, x.attention_mask, P).logprobs
+    gap = ((cur + 3.0).abs() * x.completion_mask).sum() / x.completion_mask.sum()
+    kwargs = dict(eps_low=0.2, eps_high=0.2, aggregation="token_mean", beta=0.0, max_len=T)
+    stats = update_policy(engine, x, adv, frozen, plan, loss_kwargs=kwargs, temperature=1.0, chunk_size=4)
+    assert stats.means["ratio_mean"] == pytest.approx(1.0)  # old == current, detached
+    assert stats.means["logprob_gap"] == pytest.approx(gap.item(), rel=1e-5)
+    assert len(stats.grad_norms) == 1 and stats.grad_norms[0] > 0
