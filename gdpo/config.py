@@ -201,6 +201,11 @@ class LossConfig:
     """Rollouts per optimizer step (0 = the whole batch: one step per epoch)."""
     micro_batch_size: int = rng(0, 0)
     """Rollouts per forward/backward (gradient accumulation inside a minibatch; 0 = the minibatch)."""
+    max_tokens_per_micro_batch: int = rng(0, 0)
+    """Token-budget micro-batching (verl's dynamic batch size; 0 = off): each minibatch's rows are sorted by length
+    and packed into micro-batches of at most this many tokens (rows x longest prompt + completion in it), each
+    trimmed to its own longest row, for the update and the log-prob passes. The loss is the same as with fixed
+    micro-batches. Excludes ``micro_batch_size``."""
     is_correction: bool = True
     """Truncated importance weights for the gap between the engine's sampling log-probs and the trainer's (when
     the engine returns log-probs)."""

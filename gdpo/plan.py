@@ -23,6 +23,7 @@ class BatchPlan:
     minibatches_per_epoch: int
     epochs: int
     updates_per_step: int  # optimizer steps per training step
+    token_budget: int = 0  # max tokens per micro-batch (0 = fixed micro-batches of micro_batch_rows)
 
     @property
     def rows_per_step(self) -> int:
@@ -45,6 +46,7 @@ class BatchPlan:
             "micro_batch_rows": self.micro_batch_rows,
             "grad_accum": self.grad_accum,
             "updates_per_step": self.updates_per_step,
+            "max_tokens_per_micro_batch": self.token_budget,
         }
 
 
@@ -56,11 +58,14 @@ def plan_batches(
     minibatch_size: int = 0,
     micro_batch_size: int = 0,
     epochs: int = 1,
+    max_tokens_per_micro_batch: int = 0,
 ) -> BatchPlan:
     """Split a step of ``prompts_per_step x group_size`` rollouts over ``world_size`` ranks.
 
     minibatch_size: rollouts per optimizer step summed over all ranks (0 = the whole step);
     micro_batch_size: rollouts per forward/backward on one rank (0 = the rank's minibatch).
+    max_tokens_per_micro_batch: token-budget micro-batches instead (0 = off); their number varies per minibatch, so
+    ``micro_batch_rows`` / ``grad_accum`` are then nominal (one micro-batch of the whole minibatch).
 
     >>> p = plan_batches(prompts_per_step=8, group_size=4, world_size=2, minibatch_size=16, micro_batch_size=4)
     >>> p.rows_per_rank, p.minibatch_rows, p.grad_accum, p.updates_per_step
@@ -95,6 +100,11 @@ def plan_batches(
             )
     else:
         minibatch = rows_local
+    if max_tokens_per_micro_batch and micro_batch_size:
+        raise ConfigError(
+            f"loss.micro_batch_size: {micro_batch_size} and loss.max_tokens_per_micro_batch: "
+            f"{max_tokens_per_micro_batch} are exclusive (rows per micro-batch or a token budget); set one to 0"
+        )
     micro = micro_batch_size or minibatch
     if micro > minibatch or minibatch % micro:
         raise ConfigError(
@@ -112,4 +122,5 @@ def plan_batches(
         minibatches_per_epoch=per_epoch,
         epochs=epochs,
         updates_per_step=epochs * per_epoch,
+        token_budget=max_tokens_per_micro_batch,
     )

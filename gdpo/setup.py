@@ -144,7 +144,8 @@ def setup(cfg: Config) -> TrainContext:
     seed_everything(cfg.train.seed)  # the same on every rank: identical initial weights and data order
     plan = plan_batches(prompts_per_step=cfg.rollout.prompts_per_step, group_size=cfg.rollout.group_size,
                         world_size=info.world_size, minibatch_size=cfg.loss.minibatch_size,
-                        micro_batch_size=cfg.loss.micro_batch_size, epochs=cfg.loss.epochs)
+                        micro_batch_size=cfg.loss.micro_batch_size, epochs=cfg.loss.epochs,
+                        max_tokens_per_micro_batch=cfg.loss.max_tokens_per_micro_batch)
     model_path, data_path, system_prompt = resolve_demo(cfg, run_dir)
     tokenizer, model, ref_model = load_models(cfg, model_path, info.device)
     dataset = load_data(cfg, data_path, system_prompt, tokenizer)

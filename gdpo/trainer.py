@@ -67,7 +67,7 @@ def train(cfg: Config) -> dict[str, float]:
             x = TrainTensors.from_rollout(sb.rollout, ctx.device)
             with clock("logprobs"):
                 frozen = frozen_logprobs(ctx.policy, ctx.ref_model, x, need_old=not ctx.plan.reuse_current_logprobs,
-                                         micro_batch_size=ctx.plan.micro_batch_rows, **lp_kwargs)
+                                         plan=ctx.plan, **lp_kwargs)
             # 4. update: epochs x minibatches x micro-batches
             with clock("update"):
                 upd = update_policy(ctx.engine, x, adv, frozen, ctx.plan, loss_kwargs=ctx.loss_kwargs,

@@ -57,16 +57,17 @@ def frozen_logprobs(
     x: TrainTensors,
     *,
     need_old: bool,
-    micro_batch_size: int,
+    plan: BatchPlan,
     temperature: float,
     chunk_size: int,
 ) -> FrozenLogprobs:
-    """No-grad log-probs of the completions under the policy (only when ``need_old``) and the reference."""
+    """No-grad log-probs of the completions under the policy (only when ``need_old``) and the reference, in the
+    plan's micro-batches (fixed or token-budget ones)."""
+    micros = _micro_batches(x, torch.arange(x.input_ids.shape[0], device=x.input_ids.device), plan)
 
     def run(model: torch.nn.Module) -> torch.Tensor:
-        return token_logprobs_batched(model, x.input_ids, x.attention_mask, x.prompt_len,
-                                      micro_batch_size=micro_batch_size, temperature=temperature,
-                                      chunk_size=chunk_size).logprobs
+        return token_logprobs_batched(model, x.input_ids, x.attention_mask, x.prompt_len, micro_batches=micros,
+                                      temperature=temperature, chunk_size=chunk_size).logprobs
 
     return FrozenLogprobs(
         old=run(policy) if need_old else None,
@@ -93,6 +94,49 @@ class UpdateStats:
         return self.lrs[-1] if self.lrs else float("nan")
 
 
+def budget_micro_batches(lengths: torch.Tensor, budget: int, count: int | None = None) -> list[torch.Tensor]:
+    """Rows [n] packed into micro-batches of at most ``budget`` padded tokens (rows x the longest row in it).
+
+    Rows are sorted longest first, so each micro-batch holds rows of similar length and is trimmed to its first
+    row; a row longer than the budget gets a micro-batch of its own. ``count``: split the costliest micro-batches
+    until there are exactly that many (every rank must run the same number of forwards under ZeRO-3).
+    Returns row indices per micro-batch.
+
+    >>> [c.tolist() for c in budget_micro_batches(torch.tensor([2, 9, 3, 8, 1]), 18)]
+    [[1, 3], [2, 0, 4]]
+    >>> [c.tolist() for c in budget_micro_batches(torch.tensor([2, 9, 3, 8, 1]), 18, count=3)]
+    [[1], [3], [2, 0, 4]]
+    """
+    order = torch.argsort(lengths, descending=True, stable=True).tolist()
+    chunks: list[list[int]] = [[]]
+    for i in order:
+        cur = chunks[-1]
+        if cur and (len(cur) + 1) * int(lengths[cur[0]]) > budget:
+            chunks.append(cur := [])
+        cur.append(i)
+    if count is not None:
+        if count > len(order):
+            raise ValueError(f"cannot split {len(order)} rows into {count} micro-batches")
+        while len(chunks) < count:
+            # split the costliest micro-batch that has two rows or more
+            j = max((k for k in range(len(chunks)) if len(chunks[k]) > 1),
+                    key=lambda k: len(chunks[k]) * int(lengths[chunks[k][0]]))
+            c = chunks.pop(j)
+            chunks[j:j] = [c[: len(c) // 2], c[len(c) // 2 :]]
+    return [torch.tensor(c, dtype=torch.long) for c in chunks]
+
+
+def _micro_batches(x: TrainTensors, rows: torch.Tensor, plan: BatchPlan) -> list[torch.Tensor]:
+    """The micro-batches of ``rows`` [m]: fixed slices of plan.micro_batch_rows, or token-budget ones whose number
+    is the largest any rank needs (agreed by an all-reduce)."""
+    if not plan.token_budget:
+        return [rows[s : s + plan.micro_batch_rows] for s in range(0, len(rows), plan.micro_batch_rows)]
+    lengths = (x.prompt_len + x.completion_mask[rows].sum(1)).long().cpu()  # [m] tokens per row, prompt width
+    count = len(budget_micro_batches(lengths, plan.token_budget))
+    count = int(dist.all_reduce(torch.tensor([float(count)]), "max").item())
+    return [rows[c.to(rows.device)] for c in budget_micro_batches(lengths, plan.token_budget, count)]
+
+
 def _minibatches(n: int, plan: BatchPlan, epochs: int):
     """Row indices of each minibatch, epoch after epoch; shuffled unless one minibatch per step."""
     shuffle = epochs > 1 or plan.minibatch_rows < n
@@ -110,6 +154,41 @@ def _is_weights(old: torch.Tensor, samp: torch.Tensor | None, mask: torch.Tensor
     return (torch.exp(old - samp).clamp(max=cap) if correct else None), gap
 
 
+def _micro_step(engine, x: TrainTensors, rows: torch.Tensor, advantages: torch.Tensor, frozen: FrozenLogprobs, *,
+                num_tokens: float, scale: float | None, report: float, loss_kwargs: dict[str, Any],
+                temperature: float, chunk_size: int, is_correction: bool, is_cap: float):
+    """Forward, loss, backward and (at the boundary) optimizer step of one micro-batch, trimmed to its longest row.
+
+    scale: multiply the loss before a backward without the engine's grad_accum division (None: the engine's
+    managed accumulation). report: factor that makes the logged loss the minibatch's (see update_policy).
+    Returns (the micro-batch's stats, the optimizer step's stats or None).
+    """
+    t = max(int(x.completion_mask[rows].sum(1).max()), 1)  # trailing padding costs compute, changes nothing
+    cols = slice(0, x.prompt_len + t)
+    mask = x.completion_mask[rows, :t]
+    out = dist.engine_forward(engine, token_logprobs, x.input_ids[rows, cols], x.attention_mask[rows, cols],
+                              x.prompt_len, return_entropy=True, temperature=temperature, chunk_size=chunk_size)
+    old = out.logprobs.detach() if frozen.old is None else frozen.old[rows, :t]
+    samp = None if x.sampling_logprobs is None else x.sampling_logprobs[rows, :t]
+    is_w, gap = _is_weights(old, samp, mask, correct=is_correction, cap=is_cap)
+    loss, st = policy_loss(out.logprobs, old, advantages[rows], mask, is_weights=is_w,
+                           ref_logps=None if frozen.ref is None else frozen.ref[rows, :t],
+                           num_tokens=num_tokens, **loss_kwargs)
+    if scale is None:
+        engine.backward(loss)
+    else:
+        engine.backward(loss * scale, scale_wrt_gas=False)
+    step = dist.optimizer_step(engine)
+    entropy = (out.entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
+    values = {k: float(v) for k, v in st._asdict().items()}
+    for k in ("loss", "policy_loss", "kl"):  # aggregated quantities: this micro-batch's share of the minibatch's
+        values[k] *= (scale if scale is not None else 1.0) * report
+    values["entropy"] = float(entropy)
+    if gap is not None:
+        values["logprob_gap"] = gap
+    return values, step
+
+
 def update_policy(
     engine,
     x: TrainTensors,
@@ -124,42 +203,38 @@ def update_policy(
     is_cap: float = 2.0,
 ) -> UpdateStats:
     """Train ``engine`` on this rank's rows: ``plan.epochs`` passes of ``plan.minibatches_per_epoch`` optimizer
-    steps, each over ``plan.grad_accum`` micro-batches of ``plan.micro_batch_rows`` rows.
+    steps, each over ``plan.grad_accum`` micro-batches of ``plan.micro_batch_rows`` rows, or over token-budget
+    micro-batches (``plan.token_budget``), whose number is agreed across ranks per minibatch.
 
     loss_kwargs: `policy_loss` keyword arguments fixed for the run (eps_low, eps_high, aggregation, beta,
     max_len). Every rank must call this with the same plan: the token count is all-reduced per minibatch.
     """
     stats = UpdateStats()
     sums: dict[str, float] = {}
-    world = dist.world_size()
-    device = advantages.device
+    world, budget = dist.world_size(), bool(plan.token_budget)
+    seq_agg = loss_kwargs.get("aggregation", "token_mean") != "token_mean"
     engine.module.train()
     for mb in _minibatches(len(advantages), plan, plan.epochs):
-        mb = mb.to(device)
-        mb_tokens = dist.all_reduce_sum(x.completion_mask[mb].sum().double().view(1)).item()
-        mb_tokens = mb_tokens / world / plan.grad_accum
-        for s in range(0, len(mb), plan.micro_batch_rows):
-            rows = mb[s : s + plan.micro_batch_rows]
-            mask = x.completion_mask[rows]
-            out = dist.engine_forward(engine, token_logprobs, x.input_ids[rows], x.attention_mask[rows],
-                                      x.prompt_len, return_entropy=True, temperature=temperature,
-                                      chunk_size=chunk_size)
-            old = out.logprobs.detach() if frozen.old is None else frozen.old[rows]
-            samp = None if x.sampling_logprobs is None else x.sampling_logprobs[rows]
-            is_w, gap = _is_weights(old, samp, mask, correct=is_correction, cap=is_cap)
-            loss, st = policy_loss(out.logprobs, old, advantages[rows], mask, is_weights=is_w,
-                                   ref_logps=None if frozen.ref is None else frozen.ref[rows],
-                                   num_tokens=mb_tokens, **loss_kwargs)
-            engine.backward(loss)
-            step = dist.optimizer_step(engine)
+        mb = mb.to(advantages.device)
+        tokens = dist.all_reduce_sum(x.completion_mask[mb].sum().double().view(1)).item() / world
+        micros = _micro_batches(x, mb, plan)
+        for i, rows in enumerate(micros):
+            if budget:
+                # token-budget micro-batches vary in number: the boundary is set here, and each loss is scaled to
+                # its share of the minibatch's (the engine's own division by grad_accum is off)
+                engine.set_gradient_accumulation_boundary(i == len(micros) - 1)
+                share = len(rows) / len(mb) if seq_agg else 1.0
+                values, step = _micro_step(engine, x, rows, advantages, frozen, num_tokens=tokens, scale=share,
+                                           report=len(micros), loss_kwargs=loss_kwargs, temperature=temperature,
+                                           chunk_size=chunk_size, is_correction=is_correction, is_cap=is_cap)
+            else:  # fixed micro-batches: DeepSpeed divides each loss by grad_accum and finds the boundary itself
+                values, step = _micro_step(engine, x, rows, advantages, frozen, num_tokens=tokens / plan.grad_accum,
+                                           scale=None, report=1, loss_kwargs=loss_kwargs, temperature=temperature,
+                                           chunk_size=chunk_size, is_correction=is_correction, is_cap=is_cap)
             if step is not None:
                 stats.grad_norms.append(step.grad_norm if step.grad_norm is not None else float("nan"))
                 stats.lrs.append(step.lr)
             stats.micro_batches += 1
-            entropy = (out.entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
-            values = {**{k: float(v) for k, v in st._asdict().items()}, "entropy": float(entropy)}
-            if gap is not None:
-                values["logprob_gap"] = gap
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
     stats.means = {k: v / max(stats.micro_batches, 1) for k, v in sums.items()}

@@ -129,3 +129,20 @@ def test_dynamic_sampling_run(tiny_dir, tmp_path):
         "rollout.dynamic_sampling=true", "rollout.dynamic_sampling_max_rounds=2", "checkpoint.save_final=false",
     ]))
     assert m["sampling/rounds"] == 2 and m["sampling/dropped_groups"] == 4  # 2 groups a round, refilled after 2
+
+
+def test_token_budget_micro_batches_run_through_the_loop(tiny_dir, tmp_path):
+    """loss.max_tokens_per_micro_batch reaches the update: a step runs with it, and setting it together with
+    loss.micro_batch_size is refused at start."""
+    from gdpo.config import ConfigError
+    from gdpo.trainer import train
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    common = [f"model.name_or_path={tiny_dir}", "train.steps=1", *TINY, "checkpoint.save_final=false"]
+    m = train(load_config(ROOT / "configs/tiny_gdpo.yaml", [*common, f"train.run_dir={tmp_path / 'a'}",
+                                                          "loss.max_tokens_per_micro_batch=64"]))
+    assert m["optim/grad_norm"] > 0 and m["loss/loss"] == m["loss/loss"]
+    with pytest.raises(ConfigError, match="are exclusive"):
+        train(load_config(ROOT / "configs/tiny_gdpo.yaml", [*common, f"train.run_dir={tmp_path / 'b'}",
+                                                          "loss.max_tokens_per_micro_batch=64",
+                                                          "loss.micro_batch_size=2"]))

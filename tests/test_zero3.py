@@ -111,11 +111,11 @@ def test_advantages_of_split_batch_equal_one_process(parity):
     assert (torch.tensor(two["adv_rank_local"]) - whole).abs().max() > 0.1  # measured 0.34
 
 
-@pytest.mark.parametrize("mode", ["seq_mean", "token_mean"])
+@pytest.mark.parametrize("mode", ["seq_mean", "token_mean", "seq_mean_budget", "token_mean_budget"])
 def test_two_zero3_steps_on_two_ranks_match_one_process_and_plain_torch(parity, mode):
     two, one, tp, op = parity["two"], parity["one"], parity["two_p"], parity["one_p"]
     lr = two["lr"]
-    ref = "torch/seq_mean" if mode == "seq_mean" else "torch/token_mean"  # plain torch on the whole batch
+    ref = "torch/seq_mean" if mode.startswith("seq_mean") else "torch/token_mean"  # plain torch, whole batch
     # losses (the mean over ranks) and global grad norms: 2 ranks == 1 process == plain torch; measured ~1e-8
     assert two[f"{mode}/loss"] == pytest.approx(one[f"{mode}/loss"], abs=1e-6)
     assert one[f"{mode}/loss"] == pytest.approx(one[f"{ref}/loss"], abs=1e-6)

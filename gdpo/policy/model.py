@@ -223,12 +223,14 @@ def token_logprobs_batched(
     attention_mask: torch.Tensor,  # [N, P + T]
     prompt_len: int,
     *,
-    micro_batch_size: int,
+    micro_batch_size: int = 0,
+    micro_batches: list[torch.Tensor] | None = None,
     temperature: float = 1.0,
     chunk_size: int = 128,
     return_entropy: bool = False,
 ) -> TokenLogprobs:
-    """`token_logprobs` without autograd, `micro_batch_size` rows at a time (old / reference log-probs).
+    """`token_logprobs` without autograd, `micro_batch_size` rows at a time (old / reference log-probs), or over
+    the given ``micro_batches`` (row indices each, e.g. token-budget ones).
 
     Each micro-batch is trimmed to its longest completion before the forward pass (short batches
     cost less); the result is padded back to [N, T] with zeros.
@@ -241,21 +243,24 @@ def token_logprobs_batched(
         logp = torch.zeros((N, T), dtype=torch.float32, device=input_ids.device)
         ent = torch.zeros_like(logp) if return_entropy else None
         comp_len = attention_mask[:, prompt_len:].sum(1)  # [N]
-        for s in range(0, N, micro_batch_size):
-            e = min(s + micro_batch_size, N)
-            t = max(int(comp_len[s:e].max()), 1)
+        if micro_batches is None:
+            if micro_batch_size < 1:
+                raise ValueError("give micro_batch_size >= 1 or micro_batches")
+            micro_batches = [slice(s, min(s + micro_batch_size, N)) for s in range(0, N, micro_batch_size)]
+        for rows in micro_batches:
+            t = max(int(comp_len[rows].max()), 1)
             out = token_logprobs(
                 model,
-                input_ids[s:e, : prompt_len + t],
-                attention_mask[s:e, : prompt_len + t],
+                input_ids[rows, : prompt_len + t],
+                attention_mask[rows, : prompt_len + t],
                 prompt_len,
                 temperature=temperature,
                 chunk_size=chunk_size,
                 return_entropy=return_entropy,
             )
-            logp[s:e, :t] = out.logprobs
+            logp[rows, :t] = out.logprobs
             if ent is not None:
-                ent[s:e, :t] = out.entropy
+                ent[rows, :t] = out.entropy
         return TokenLogprobs(logp, ent)
     finally:
         model.train(was_training)

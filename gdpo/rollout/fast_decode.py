@@ -105,6 +105,12 @@ class FastDecoder:
             self.k[i][:, :, :n] = layer.keys[:, :, :n]
             self.v[i][:, :, :n] = layer.values[:, :, :n]
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only the given rows [a] of the batch (finished rows leave the decode batch)."""
+        self.cos, self.sin, self.bias = self.cos[rows], self.sin[rows], self.bias[rows]
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
+
     def step(self, ids: torch.Tensor, n: int) -> torch.Tensor:
         """ids [rows] are the tokens at column n; returns the logits [rows, V] for column n + 1."""
         rows, D, hq, hkv = ids.shape[0], self.d, self.hq, self.hkv

@@ -23,6 +23,9 @@ Design notes
 - Llama-family models (Llama, Qwen2, Qwen3, Mistral) decode with `fast_decode.FastDecoder`: the same one-token
   step as plain tensor code on the model's own weights, without the HF module forward (~20% less generation
   time on small models). The prompt is still prefilled by the HF forward; its cache is copied in.
+- Finished rows leave the decode batch (`compact_finished`): once a quarter of the batch has finished, their
+  rows are dropped from the KV cache and the step runs on the live rows only. The sampling noise is drawn for
+  every row as `torch.multinomial` would, so the tokens do not change; only the cost does.
 - KV cache on, eval mode (dropout off, and gradient checkpointing would otherwise switch the cache
   off), no autograd. Under ZeRO-3 the parameters are gathered once for the whole call.
 """
@@ -118,6 +121,14 @@ def _reserved_layer_class():
             self.keys, self.values = self._k[:, :, :m], self._v[:, :, :m]
             return self.keys, self.values
 
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            """Keep the rows `indices` (finished rows leaving the decode batch), reservation included."""
+            if self._k is None:
+                return
+            n = self.get_seq_length()
+            self._k, self._v = self._k[indices], self._v[indices]
+            self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+
     return ReservedLayer
 
 
@@ -208,6 +219,19 @@ def _gathered_params(model: torch.nn.Module, engine=None):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)  # still fetches per token (no hooks off)
 
 
+def _sample(scores: torch.Tensor, rows: int, act: torch.Tensor, do_sample: bool) -> torch.Tensor:
+    """The next token of each row in the decode batch: scores [a, V] of rows `act` out of `rows`.
+
+    Sampling is `torch.multinomial(softmax(scores), 1)` written out: argmax of p / E with E ~ Exp(1) noise drawn
+    for all `rows` rows, then the decode batch's rows taken. multinomial draws exactly that noise, so the samples
+    do not depend on which rows already left the batch (compaction changes the cost, not the tokens).
+    """
+    if not do_sample:
+        return scores.argmax(-1)
+    noise = torch.empty((rows, scores.shape[1]), dtype=scores.dtype, device=scores.device).exponential_()
+    return (torch.softmax(scores, dim=-1) / noise[act]).argmax(-1)
+
+
 class HFRolloutEngine:
     """`RolloutEngine` on `transformers.generate`, sampling from the (live) policy model itself."""
 
@@ -220,11 +244,14 @@ class HFRolloutEngine:
         generation_batch_size: int | None = None,
         share_prompt_prefill: bool = True,
         fast_decode: bool = True,
+        compact_finished: bool = True,
     ):
         """generation_batch_size: rows (prompts x G) per `generate` call, rounded down to whole groups
         (at least one group); None = all rows at once. share_prompt_prefill: see the module docstring.
         fast_decode: decode Llama-family models with `fast_decode.FastDecoder` (same maths without the HF
-        module forward); other models, and fast_decode=False, decode with the HF forward.
+        module forward); other models, and fast_decode=False, decode with the HF forward. compact_finished:
+        finished rows leave the decode batch once a quarter of it has finished (their KV cache rows are dropped),
+        so the cost follows the live rows; the sampled tokens are the same either way.
         A DeepSpeed engine may be passed for `model`: its HF module is used."""
         self.engine = model if hasattr(model, "module") else None  # a DeepSpeed engine (see _gathered_params)
         model = getattr(model, "module", model)
@@ -234,6 +261,7 @@ class HFRolloutEngine:
         self.generation_batch_size = generation_batch_size
         self.share_prompt_prefill = share_prompt_prefill
         self.fast_decode = fast_decode
+        self.compact_finished = compact_finished
         # EOS ids: the tokenizer's, the checkpoint's generation_config ones (Qwen2.5-Instruct ends turns
         # with <|im_end|> but also lists <|endoftext|>), and any configured stop ids.
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -326,36 +354,39 @@ class HFRolloutEngine:
         procs = self._processors()
         tracker = _StopTracker(P, rows, eos, s.stop_strings, self.tokenizer)
         running = torch.ones(rows, dtype=torch.bool, device=device)  # [rows]
+        act = torch.arange(rows, device=device)  # [a] rows still in the decode batch (finished ones leave it)
         logps: list[torch.Tensor] = []  # per token: [rows]
         width = P  # filled columns of seq
         for t in range(T):
             if decoder is not None:
-                scores = decoder.step(seq[:, width - 1], width - 1).float()  # [rows, V]
+                scores = decoder.step(seq[act, width - 1], width - 1).float()  # [a, V]
             else:
-                out = self.model(
-                    input_ids=seq[:, start:width],
-                    attention_mask=mask[:, :width],
-                    position_ids=positions[:, start:width],
-                    past_key_values=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
+                out = self.model(input_ids=seq[act, start:width], attention_mask=mask[act, :width],
+                                 position_ids=positions[act, start:width], past_key_values=cache, use_cache=True,
+                                 logits_to_keep=1)
                 cache, start = out.past_key_values, width
-                scores = out.logits[:, -1].float()  # [rows, V]
+                scores = out.logits[:, -1].float()  # [a, V]
             if t < s.min_new_tokens:
                 scores[:, eos] = -float("inf")
-            scores = procs(seq[:, :width], scores)  # temperature -> top-k -> top-p
-            if s.temperature > 0:
-                nxt = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)  # [rows]
-            else:
-                nxt = scores.argmax(-1)
+            scores = procs(seq[act, :width], scores)  # temperature -> top-k -> top-p
+            nxt = _sample(scores, rows, act, s.temperature > 0)  # [a]
             if s.return_logprobs:
-                logps.append(torch.log_softmax(scores, dim=-1).gather(1, nxt[:, None]).squeeze(1))
-            seq[:, width] = torch.where(running, nxt, torch.full_like(nxt, self.pad_id))
+                lp = torch.zeros(rows, device=device)
+                lp[act] = torch.log_softmax(scores, dim=-1).gather(1, nxt[:, None]).squeeze(1)
+                logps.append(lp)
+            seq[act, width] = torch.where(running[act], nxt, torch.full_like(nxt, self.pad_id))
             width += 1
-            running &= ~tracker(seq[:, :width], scores)
+            running &= ~tracker(seq[:, :width], None)
             if not running.any():
                 break
+            done = ~running[act]  # [a]
+            if self.compact_finished and 4 * int(done.sum()) >= len(act):  # a quarter finished: drop those
+                keep = (~done).nonzero().flatten()
+                act = act[keep]
+                if decoder is not None:
+                    decoder.keep(keep)
+                else:
+                    cache.batch_select_indices(keep)
         completion = seq[:, P:width]  # [rows, Tc]
         Tc = completion.shape[1]
         truncated = tracker.end < 0  # [rows]

@@ -11,7 +11,8 @@ Rank 0 writes OUT.json (numbers) and OUT.pt (parameters, gathered); the test com
    the batch moments all-reduced (the trainer's `reduce_moments`), gathered back; also rank-local ones.
 3. Two optimizer steps of the clipped policy loss on that batch through the trainer's own update
    (`gdpo.update.update_policy`: old log-probs from one no-grad pass, micro-batches of MICRO rows, the global
-   token count for token_mean), for seq_mean_token_mean and token_mean. Plus the same two steps in plain torch
+   token count for token_mean), for seq_mean_token_mean and token_mean, with fixed micro-batches and with
+   token-budget ones. Plus the same two steps in plain torch
    (AdamW, clipping) on the whole batch: the reference that no DeepSpeed code touches.
 4. (N > 1) ZeRO-2, and ZeRO-3 + CPU optimizer offload: one step each.
 5. (N > 1) all-gather collectives during one HFRolloutEngine.generate vs a plain `generate` on the ZeRO-3
@@ -80,7 +81,7 @@ def main(out: str) -> None:
     G, GROUPS, P, T, K = 4, 4, 5, 6, 3  # 4 prompts x G=4, prompts of 5 tokens, completions <= 6, 3 rewards
     N = GROUPS * G
     # lr 1e-4: with larger steps the tiny model (LM head x8) moves so far that step 2 clips every token.
-    MICRO, LR, CLIP, STEPS = 4, 1e-4, 1.0, 2
+    MICRO, LR, CLIP, STEPS, BUDGET = 4, 1e-4, 1.0, 2, 24
     local_groups = GROUPS // world
     rows = torch.arange(rank * local_groups * G, (rank + 1) * local_groups * G)  # whole groups, as trainer.py
     tok = tiny_tokenizer()
@@ -122,12 +123,13 @@ def main(out: str) -> None:
         with deepspeed.zero.GatheredParameters(list(params.values())):  # no-op unless ZeRO-3 partitioned
             return {k: v.detach().clone() for k, v in params.items()}
 
-    def train(engine, steps: int, aggregation: str):
+    def train(engine, steps: int, aggregation: str, budget: int = 0):
         """`steps` optimizer steps of the trainer's own update (gdpo.update.update_policy) on this rank's rows:
         old log-probs from one no-grad pass, then one epoch of one minibatch per step, micro-batches of MICRO."""
-        plan = plan_batches(prompts_per_step=GROUPS, group_size=G, world_size=world, micro_batch_size=MICRO)
+        plan = plan_batches(prompts_per_step=GROUPS, group_size=G, world_size=world,
+                            micro_batch_size=0 if budget else MICRO, max_tokens_per_micro_batch=budget)
         x = TrainTensors(ids[rows], attn[rows], cmask[rows], P, None)
-        frozen = frozen_logprobs(engine.module, None, x, need_old=True, micro_batch_size=MICRO, temperature=1.0,
+        frozen = frozen_logprobs(engine.module, None, x, need_old=True, plan=plan, temperature=1.0,
                                  chunk_size=128)
         kwargs = dict(eps_low=0.2, eps_high=0.28, aggregation=aggregation)
         losses, norms, after = [], [], []
@@ -160,8 +162,10 @@ def main(out: str) -> None:
 
     # ---- 1. + 3.
     params = {"init": full_params(tiny_model(tokenizer=tok, seed=0))}
-    runs = (("seq_mean", "seq_mean_token_mean"), ("token_mean", "token_mean"))
-    for mode, aggregation in runs:
+    # *_budget: token-budget micro-batches (BUDGET tokens: 1-3 rows each, their number differs per rank)
+    runs = (("seq_mean", "seq_mean_token_mean", 0), ("token_mean", "token_mean", 0),
+            ("seq_mean_budget", "seq_mean_token_mean", BUDGET), ("token_mean_budget", "token_mean", BUDGET))
+    for mode, aggregation, budget in runs:
         engine = make_engine(3)
         if mode == "seq_mean":
             ps = list(engine.module.parameters())
@@ -172,7 +176,7 @@ def main(out: str) -> None:
             res["resident_numel"] = all_gather_rows(torch.tensor([sum(p.numel() for p in ps)])).tolist()
             fp32 = sum(t.numel() for t in engine.optimizer.fp32_partitioned_groups_flat)
             res["optimizer_fp32_numel"] = all_gather_rows(torch.tensor([fp32])).tolist()
-        losses, norms, after = train(engine, STEPS, aggregation)
+        losses, norms, after = train(engine, STEPS, aggregation, budget)
         res[f"{mode}/loss"], res[f"{mode}/grad_norm"] = losses, norms
         for s, p in enumerate(after, 1):
             params[f"{mode}/step{s}"] = p
