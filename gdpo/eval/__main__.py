@@ -1,4 +1,5 @@
-"""``python -m gdpo.eval``: math benchmarks the way the GDPO paper reports them (avg@k, pass@k, maj@k, exceed ratio).
+"""``python -m gdpo.eval``: math benchmarks the way the GDPO paper reports them (avg@k, pass@k, maj@k, exceed ratio),
+and tool calling (BFCL v3 Non-Live / Live / Overall and format-correct, API-Bank levels 1-3; gdpo.eval.toolcall).
 
     python -m gdpo.eval --model runs/gdpo/checkpoint-500 --benchmarks aime24,amc,math500 --data-dir ../shared/data
     python -m gdpo.eval --oracle solution --benchmarks math500 --k 1            # check the grader, no model
@@ -33,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_list += "; groups: " + "; ".join(f"{g} = {', '.join(m)}" for g, m in GROUPS.items())
     p = argparse.ArgumentParser(
         prog="python -m gdpo.eval",
-        description="Evaluate a model (or an oracle) on math benchmarks: avg@k, pass@k, maj@k, length-exceed "
-        "ratio, response lengths and truncation, per benchmark. Resumable: rerunning with the same --output-dir "
+        description="Evaluate a model (or an oracle) on math and tool-calling benchmarks: avg@k, pass@k, maj@k, "
+        "length-exceed ratio, response lengths and truncation, per benchmark; BFCL / API-Bank add accuracy, "
+        "format-correct and the Non-Live / Live / Overall summaries. Resumable: rerunning with the same --output-dir "
         "skips finished problems.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
@@ -48,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", help="tokenizer directory or hub id (default: --model); with --oracle it "
                    "measures lengths in tokens (without one they are whitespace words)")
     g.add_argument("--oracle", metavar="FIELD", help="no model: use each problem's FIELD (e.g. 'solution') as "
-                   "all k completions, to validate the grader")
+                   "all k completions, to validate the grader; tool-calling benchmarks: 'ground_truth', rendered "
+                   "in the --tool-prompt format")
     g.add_argument("--oracle-shuffle", action="store_true", help="with --oracle: give each problem another "
                    "problem's FIELD (a seeded derangement within the benchmark); should score about 0")
     g.add_argument("--trust-remote-code", action="store_true", help="allow custom model / tokenizer code")
