@@ -177,6 +177,9 @@ def _check_tool_args(a: argparse.Namespace, runs) -> bool:
     api = [r.benchmark.name for r in runs if r.benchmark.task == "apibank"]
     if api and a.tool_prompt == "chat":
         raise EvalInputError(f"--tool-prompt chat: {api[0]} holds ToolRL-format prompts; use --tool-prompt toolrl")
+    if a.oracle is not None and len(tool) < len(runs):
+        raise EvalInputError("--oracle: math benchmarks and tool-calling benchmarks read different fields "
+                             "(solution / ground_truth); run them separately")
     if a.oracle is not None and a.oracle not in ("ground_truth", "answer"):
         raise EvalInputError(f"--oracle {a.oracle}: tool-calling benchmarks ({tool[0]}, ...) take --oracle "
                              "ground_truth")
@@ -341,6 +344,10 @@ def _main(a: argparse.Namespace) -> int:
             if a.tool_prompt == "chat" and not use_chat:
                 raise EvalInputError("--tool-prompt chat needs the tokenizer's chat template (it has none, or "
                                      "--chat-template off)")
+            if a.tool_prompt == "chat":
+                from gdpo.eval.toolcall import check_chat_tools
+
+                check_chat_tools(tokenizer, tok_ref)
         source_desc = f"model ({a.backend})"
 
     oracle_name = f"oracle-{a.oracle}" + ("-shuffled" if a.oracle_shuffle else "")

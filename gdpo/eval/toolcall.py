@@ -186,6 +186,23 @@ def tool_prompt_text(task: str, row: Mapping, tokenizer, tool_prompt: str, use_c
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
 
 
+def check_chat_tools(tokenizer, name: str | None = None) -> None:
+    """Refuse a chat template that drops ``tools=`` (the model would never see the functions)."""
+    from gdpo.eval.benchmarks import EvalInputError
+
+    probe = "gdpo_probe_function_name"
+    tools = [{"type": "function", "function": {"name": probe, "description": "probe", "parameters": {
+        "type": "object", "properties": {}}}}]
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tools=tools, tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - a template that raises on tools= is the same problem
+        text = f"({type(e).__name__}: {e})"
+    if probe not in str(text):
+        raise EvalInputError(f"--tool-prompt chat: the chat template of {name or 'the tokenizer'} does not render "
+                             "tools=; use --tool-prompt toolrl")
+
+
 # ----------------------------------------------------------------------------------------------- decoding
 
 

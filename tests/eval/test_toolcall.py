@@ -301,6 +301,32 @@ def test_bad_tool_input_is_one_line_exit_2(extra, message, tmp_path, capsys):
     assert err.startswith("error: ") and message in err and "\n" not in err
 
 
+@needs_data
+def test_oracle_cannot_mix_math_and_tool_benchmarks(tmp_path, capsys):
+    assert main(["--oracle", "ground_truth", "--benchmarks", "math500,bfcl_simple", "--data-dir", str(DATA),
+                 "--output-dir", str(tmp_path)]) == 2
+    assert "read different fields (solution / ground_truth); run them separately" in capsys.readouterr().err
+
+
+@needs_data
+def test_chat_tool_prompt_refuses_a_template_that_drops_tools(tmp_path, capsys):
+    from gdpo.testing import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()  # its Qwen2-style template has no tools section
+    tiny_model(tokenizer=tok, seed=0).save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    capsys.readouterr()  # saving prints a progress bar
+    rc = main(["--model", str(tmp_path / "ckpt"), "--benchmarks", "bfcl_simple", "--tool-prompt", "chat",
+               "--data-dir", str(DATA), "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "does not render tools=; use --tool-prompt toolrl" in err and "\n" not in err
+    tok.chat_template = ("{% for t in tools %}{{ t.function.name }}\n{% endfor %}{% for m in messages %}"
+                         "{{ m.content }}{% endfor %}")
+    from gdpo.eval.toolcall import check_chat_tools
+
+    check_chat_tools(tok)  # a template that renders tools passes
+
+
 def test_tool_benchmarks_without_a_data_dir_say_so(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("GDPO_EVAL_DATA_DIR", raising=False)
     assert main(["--oracle", "ground_truth", "--benchmarks", "bfcl_simple", "--output-dir", str(tmp_path)]) == 2
