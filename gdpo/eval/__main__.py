@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from gdpo.eval.benchmarks import DATA_DIR_ENV, BENCHMARKS, GROUPS, EvalInputError, benchmark_source, load_problems
-from gdpo.eval.benchmarks import parse_fields, resolve_benchmarks
+from gdpo.eval.benchmarks import is_tool_task, parse_fields, resolve_benchmarks
 from gdpo.eval.metrics import default_pass_ks
 from gdpo.eval.runner import DEFAULT_PROMPT_TEMPLATE, RUN_CONFIG
 from gdpo.eval.toolcall import TOOL_PROMPTS
@@ -165,7 +165,7 @@ def _check_args(a: argparse.Namespace) -> None:
 
 def _check_tool_args(a: argparse.Namespace, runs) -> bool:
     """Whether tool-calling benchmarks are in the run; refuses flags that would not take effect on them."""
-    tool = [r.benchmark.name for r in runs if r.benchmark.task != "math"]
+    tool = [r.benchmark.name for r in runs if is_tool_task(r.benchmark.task)]
     if not tool:
         return False
     if len(tool) == len(runs):

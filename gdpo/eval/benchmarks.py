@@ -100,6 +100,11 @@ for _cat, _n in _BFCL_SIZES.items():
 for _lv, _n in ((1, 399), (2, 67), (3, 131)):
     BENCHMARKS[f"apibank_l{_lv}"] = Benchmark(f"apibank_l{_lv}", f"API-Bank level {_lv}, ToolRL's file ({_n})",
                                               filename=f"toolcall/toolrl_apibank_level{_lv}.jsonl", task="apibank")
+def is_tool_task(task: str) -> bool:
+    """Whether a Benchmark.task is a tool-calling one (graded by gdpo.eval.toolcall)."""
+    return task == "apibank" or task.startswith("bfcl/")
+
+
 GROUPS: dict[str, tuple[str, ...]] = {
     "bfcl_nonlive": tuple(f"bfcl_{c}" for c in list(_BFCL_SIZES)[:7]),
     "bfcl_live": tuple(f"bfcl_{c}" for c in list(_BFCL_SIZES)[7:]),
@@ -176,7 +181,7 @@ def resolve_benchmarks(spec: str, fields: Mapping[str, str] | None = None) -> li
                 f"unknown benchmark {name!r}{hint}; known: {', '.join(BENCHMARKS)}, groups: {', '.join(GROUPS)}, "
                 "or name=file.jsonl"
             )
-        if BENCHMARKS[name] in out and BENCHMARKS[name].task != "math":
+        if BENCHMARKS[name] in out and is_tool_task(BENCHMARKS[name].task):
             continue  # already added by a group
         out.append(BENCHMARKS[name])
     if not out:
@@ -312,7 +317,7 @@ def load_problems(
             how = "" if b.path else f" (set --data-dir or {DATA_DIR_ENV} to the directory holding {b.filename})"
             raise EvalInputError(f"benchmark {b.name!r}: data file {path} not found{how}")
         rows = _read_jsonl(path, b.name)
-    if b.task != "math":
+    if is_tool_task(b.task):
         from gdpo.eval.toolcall import tool_problems
 
         problems = tool_problems(rows, b, where)

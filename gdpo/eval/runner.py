@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
-from gdpo.eval.benchmarks import Benchmark, EvalInputError, Problem
+from gdpo.eval.benchmarks import Benchmark, EvalInputError, Problem, is_tool_task
 from gdpo.eval.metrics import ProblemGrades, cluster_answers, summarize
 
 # DeepSeek-R1's recommended math prompt (no system prompt), used by DeepScaleR and the paper's evaluations.
@@ -90,7 +90,7 @@ class ModelSource:
         pass
 
     def prompt_text(self, problem: Problem) -> str:
-        if problem.task != "math":
+        if is_tool_task(problem.task):
             from gdpo.eval.toolcall import tool_prompt_text
 
             return tool_prompt_text(problem.task, problem.row, self.tokenizer, self.tool_prompt,
@@ -147,7 +147,7 @@ class OracleSource:
         self._text: dict[str, str] = {}
 
     def _value(self, benchmark: str, p: Problem) -> str:
-        if p.task != "math":
+        if is_tool_task(p.task):
             from gdpo.eval.toolcall import oracle_text
 
             return oracle_text(p.task, p.row, self.field, self.tool_prompt)
@@ -409,7 +409,7 @@ class BenchmarkRun:
 
 
 def _grading_job(run: BenchmarkRun, p: Problem, texts: list[str]) -> tuple:
-    if p.task != "math":
+    if is_tool_task(p.task):
         from gdpo.eval.toolcall import grade_tool_samples
 
         return (grade_tool_samples, p.task, p.row, texts, run.tool_prompt)
@@ -572,7 +572,7 @@ def compute_results(
         m = summarize(grades, pass_ks=pass_ks, maj_ks=maj_ks, exceed_length=exceed_length)
         benches[name] = {"description": run.benchmark.description, "data": run.where, **m}
     out = {**meta, "k": k, "length_unit": length_unit, "exceed_length": exceed_length, "benchmarks": benches}
-    if any(r.benchmark.task != "math" for r in runs):  # tool calling: accuracy, format-correct, group summaries
+    if any(is_tool_task(r.benchmark.task) for r in runs):  # tool calling: accuracy, format-correct, group summaries
         from gdpo.eval.benchmarks import GROUPS
         from gdpo.eval.toolcall import tool_results
 

@@ -29,6 +29,7 @@ import re
 from typing import Any, Mapping, Sequence
 
 from gdpo.eval.apibank import apibank_correct, expected_call, read_calls
+from gdpo.eval.benchmarks import is_tool_task
 from gdpo.eval.bfcl import bfcl_summary, canonical, check_calls, language_of
 
 TOOL_PROMPTS = ("toolrl", "chat")
@@ -80,8 +81,6 @@ def task_kind(task: str) -> tuple[str, str]:
     return kind, category
 
 
-def is_tool_task(task: str) -> bool:
-    return task_kind(task)[0] in ("bfcl", "apibank")
 
 
 # ------------------------------------------------------------------------------------------------ prompts
