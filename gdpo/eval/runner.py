@@ -618,7 +618,7 @@ def log_wandb(results: dict, store: SampleStore, *, mode: str, project: str, nam
     import wandb
 
     run = wandb.init(mode=mode, project=project, name=name or Path(out_dir).name, dir=str(out_dir),
-                     job_type="eval", config={k: v for k, v in results.items() if k != "benchmarks"},
+                     job_type="eval", config={k: v for k, v in results.items() if k not in ("benchmarks", "groups")},
                      settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
     metric_names = sorted({m for b in results["benchmarks"].values() for m in b if m not in ("description", "data")})
     for bench, m in results["benchmarks"].items():

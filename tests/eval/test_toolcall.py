@@ -372,3 +372,20 @@ def test_tiny_model_on_bfcl_and_apibank(tmp_path):
     # 8 random tokens are neither a call nor the format: right on irrelevance, wrong on API-Bank.
     assert b["bfcl_irrelevance"]["accuracy"] == 1.0 and b["apibank_l3"]["accuracy"] == 0.0
     assert b["bfcl_irrelevance"]["format_correct"] == 0.0
+
+
+@needs_data
+@pytest.mark.slow
+def test_wandb_offline_logs_the_tool_summaries(tmp_path):
+    pytest.importorskip("wandb")
+    out = tmp_path / "w"
+    proc = subprocess.run([sys.executable, "-m", "gdpo.eval", "--oracle", "ground_truth", "--benchmarks", "apibank",
+                           "--limit", "3", "--k", "1", "--data-dir", str(DATA), "--output-dir", str(out),
+                           "--grader-workers", "0", "--no-progress", "--wandb", "offline"],
+                          capture_output=True, text=True, env=ENV, cwd=REPO, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    logs = list(out.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(logs) == 1
+    data = logs[0].read_bytes()
+    for key in (b"apibank/overall", b"apibank/format_correct", b"apibank_l2/accuracy", b"apibank_l3/format_correct"):
+        assert key in data, key
