@@ -4,7 +4,9 @@
     pass_at_k(n=16, c=3, k=4)                  # unbiased pass@k of one problem
 
 Modules: `benchmarks` (registry + loading), `metrics` (pass@k, maj@k, exceed ratio; pure functions),
-`runner` (completion sources, grading, resumable loop, results), `__main__` (the CLI).
+`runner` (completion sources, grading, resumable loop, results), `__main__` (the CLI); tool calling: `bfcl`
+(BFCL v3's AST checker and summary; pure), `apibank` (ToolRL's API-Bank rule; pure), `toolcall` (prompts,
+decoding, grading, oracle and summaries for the runner).
 """
 
 from gdpo.eval.benchmarks import BENCHMARKS, Benchmark, EvalInputError, Problem, load_problems, resolve_benchmarks

@@ -1,7 +1,9 @@
-"""``python -m gdpo.eval``: math benchmarks the way the GDPO paper reports them (avg@k, pass@k, maj@k, exceed ratio).
+"""``python -m gdpo.eval``: math benchmarks the way the GDPO paper reports them (avg@k, pass@k, maj@k, exceed ratio),
+and tool calling (BFCL v3 Non-Live / Live / Overall and format-correct, API-Bank levels 1-3; gdpo.eval.toolcall).
 
     python -m gdpo.eval --model runs/gdpo/checkpoint-500 --benchmarks aime24,amc,math500 --data-dir ../shared/data
     python -m gdpo.eval --oracle solution --benchmarks math500 --k 1            # check the grader, no model
+    python -m gdpo.eval --model ckpt --benchmarks bfcl,apibank --k 1 --temperature 0 --max-tokens 4096  # tools
     torchrun --nproc_per_node 8 -m gdpo.eval --model ... --backend vllm        # data parallel, 1 GPU per rank
 
 Bad input (unknown benchmark, missing data file, missing model path, ...) prints one line and exits with 2.
@@ -16,10 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-from gdpo.eval.benchmarks import DATA_DIR_ENV, BENCHMARKS, EvalInputError, benchmark_source, load_problems
-from gdpo.eval.benchmarks import parse_fields, resolve_benchmarks
+from gdpo.eval.benchmarks import DATA_DIR_ENV, BENCHMARKS, GROUPS, EvalInputError, benchmark_source, load_problems
+from gdpo.eval.benchmarks import is_tool_task, parse_fields, resolve_benchmarks
 from gdpo.eval.metrics import default_pass_ks
 from gdpo.eval.runner import DEFAULT_PROMPT_TEMPLATE, RUN_CONFIG
+from gdpo.eval.toolcall import TOOL_PROMPTS
 
 PAPER_BENCHMARKS = "aime24,amc,math500,minerva,olympiad"
 FALLBACKS = ("answer_tag", "answer_is", "hashes", "last_number")
@@ -28,15 +31,18 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def build_parser() -> argparse.ArgumentParser:
     bench_list = "; ".join(f"{n}: {b.description}" for n, b in BENCHMARKS.items())
+    bench_list += "; groups: " + "; ".join(f"{g} = {', '.join(m)}" for g, m in GROUPS.items())
     p = argparse.ArgumentParser(
         prog="python -m gdpo.eval",
-        description="Evaluate a model (or an oracle) on math benchmarks: avg@k, pass@k, maj@k, length-exceed "
-        "ratio, response lengths and truncation, per benchmark. Resumable: rerunning with the same --output-dir "
+        description="Evaluate a model (or an oracle) on math and tool-calling benchmarks: avg@k, pass@k, maj@k, "
+        "length-exceed ratio, response lengths and truncation, per benchmark; BFCL / API-Bank add accuracy, "
+        "format-correct and the Non-Live / Live / Overall summaries. Resumable: rerunning with the same --output-dir "
         "skips finished problems.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  python -m gdpo.eval --model runs/gdpo/final --benchmarks aime24,amc,math500 --data-dir ../shared/data\n"
         "  python -m gdpo.eval --oracle solution --benchmarks math500 --k 1 --data-dir ../shared/data\n"
+        "  python -m gdpo.eval --oracle ground_truth --benchmarks bfcl,apibank --k 1 --data-dir ../shared/data\n"
         "  torchrun --nproc_per_node 8 -m gdpo.eval --model ckpt --backend vllm   # problems split over 8 ranks",
     )
     g = p.add_argument_group("what to evaluate")
@@ -44,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", help="tokenizer directory or hub id (default: --model); with --oracle it "
                    "measures lengths in tokens (without one they are whitespace words)")
     g.add_argument("--oracle", metavar="FIELD", help="no model: use each problem's FIELD (e.g. 'solution') as "
-                   "all k completions, to validate the grader")
+                   "all k completions, to validate the grader; tool-calling benchmarks: 'ground_truth', rendered "
+                   "in the --tool-prompt format")
     g.add_argument("--oracle-shuffle", action="store_true", help="with --oracle: give each problem another "
                    "problem's FIELD (a seeded derangement within the benchmark); should score about 0")
     g.add_argument("--trust-remote-code", action="store_true", help="allow custom model / tokenizer code")
@@ -78,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--system-prompt", default=None, help="optional system message (default: none)")
     g.add_argument("--chat-template", choices=("auto", "on", "off"), default="auto", help="wrap the prompt in "
                    "the tokenizer's chat template: auto = when the tokenizer has one (default: %(default)s)")
+    g.add_argument("--tool-prompt", choices=TOOL_PROMPTS, default="toolrl", help="tool-calling benchmarks (bfcl*, "
+                   "apibank*): toolrl = the <think> + <tool_call> JSON-lines format configs/tool_gdpo.yaml trains on, "
+                   "tools listed in the system prompt; chat = the model's own tool format (tools= of its chat "
+                   "template, <tool_call> blocks with name/arguments; BFCL only). --prompt-template, "
+                   "--system-prompt and --fallbacks apply to math benchmarks only (default: %(default)s)")
 
     g = p.add_argument_group("backend")
     g.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="generation engine (default: "
@@ -149,6 +161,29 @@ def _check_args(a: argparse.Namespace) -> None:
         raise EvalInputError(f"--limit must be >= 1, got {a.limit}")
     if not 0 < a.top_p <= 1 or a.temperature < 0 or a.top_k < 0:
         raise EvalInputError("need 0 < --top-p <= 1, --temperature >= 0, --top-k >= 0")
+
+
+def _check_tool_args(a: argparse.Namespace, runs) -> bool:
+    """Whether tool-calling benchmarks are in the run; refuses flags that would not take effect on them."""
+    tool = [r.benchmark.name for r in runs if is_tool_task(r.benchmark.task)]
+    if not tool:
+        return False
+    if len(tool) == len(runs):
+        for flag, unset in (("--prompt-template", a.prompt_template == DEFAULT_PROMPT_TEMPLATE),
+                            ("--system-prompt", a.system_prompt is None), ("--fallbacks", a.fallbacks is None)):
+            if not unset:
+                raise EvalInputError(f"{flag} applies to math benchmarks only; the tool-calling benchmarks use "
+                                     "--tool-prompt")
+    api = [r.benchmark.name for r in runs if r.benchmark.task == "apibank"]
+    if api and a.tool_prompt == "chat":
+        raise EvalInputError(f"--tool-prompt chat: {api[0]} holds ToolRL-format prompts; use --tool-prompt toolrl")
+    if a.oracle is not None and len(tool) < len(runs):
+        raise EvalInputError("--oracle: math benchmarks and tool-calling benchmarks read different fields "
+                             "(solution / ground_truth); run them separately")
+    if a.oracle is not None and a.oracle not in ("ground_truth", "answer"):
+        raise EvalInputError(f"--oracle {a.oracle}: tool-calling benchmarks ({tool[0]}, ...) take --oracle "
+                             "ground_truth")
+    return True
 
 
 def _fallbacks(text: str | None) -> tuple[str, ...] | None:
@@ -260,7 +295,9 @@ def _main(a: argparse.Namespace) -> int:
         where, _ = benchmark_source(b, data_dir, a.hub)
         all_problems = load_problems(b, data_dir, hub=a.hub)
         problems = all_problems[: a.limit] if a.limit else all_problems
-        runs.append(BenchmarkRun(b, problems, all_problems, where, b.fallbacks if fallbacks is None else fallbacks))
+        runs.append(BenchmarkRun(b, problems, all_problems, where, b.fallbacks if fallbacks is None else fallbacks,
+                                 tool_prompt=a.tool_prompt))
+    has_tool = _check_tool_args(a, runs)
     pass_ks = _int_list(a.pass_k, "--pass-k") if a.pass_k else default_pass_ks(a.k)
     maj_ks = _int_list(a.maj_k, "--maj-k") if a.maj_k else [a.k]
     for flag, ks in (("--pass-k", pass_ks), ("--maj-k", maj_ks)):
@@ -274,6 +311,8 @@ def _main(a: argparse.Namespace) -> int:
     if a.oracle is not None:
         fingerprint = {"source": "oracle", "oracle_field": a.oracle, "oracle_shuffle": a.oracle_shuffle,
                        "seed": a.seed, "tokenizer": tok_ref, "k": a.k, "fallbacks": a.fallbacks}
+        if has_tool:
+            fingerprint["tool_prompt"] = a.tool_prompt
         source_desc = f"oracle: {a.oracle}" + (" (shuffled across problems)" if a.oracle_shuffle else "")
     else:
         has_template = bool(getattr(tokenizer, "chat_template", None))
@@ -285,6 +324,15 @@ def _main(a: argparse.Namespace) -> int:
                        "max_tokens": a.max_tokens, "stop": list(a.stop), "seed": a.seed,
                        "prompt_template": a.prompt_template, "system_prompt": a.system_prompt,
                        "chat_template": use_chat, "fallbacks": a.fallbacks}
+        if has_tool:
+            fingerprint["tool_prompt"] = a.tool_prompt
+            if a.tool_prompt == "chat" and not use_chat:
+                raise EvalInputError("--tool-prompt chat needs the tokenizer's chat template (it has none, or "
+                                     "--chat-template off)")
+            if a.tool_prompt == "chat":
+                from gdpo.eval.toolcall import check_chat_tools
+
+                check_chat_tools(tokenizer, tok_ref)
         source_desc = f"model ({a.backend})"
 
     oracle_name = f"oracle-{a.oracle}" + ("-shuffled" if a.oracle_shuffle else "")
@@ -314,7 +362,7 @@ def _main(a: argparse.Namespace) -> int:
     try:
         if a.oracle is not None:
             source = OracleSource(a.oracle, shuffle=a.oracle_shuffle, seed=a.seed, tokenizer=tokenizer,
-                                  tokenizer_name=tok_ref)
+                                  tokenizer_name=tok_ref, tool_prompt=a.tool_prompt)
         else:
             import torch
 
@@ -323,7 +371,7 @@ def _main(a: argparse.Namespace) -> int:
                 device = f"cuda:{local_rank}"
             engine = _make_engine(a, model_ref, tokenizer, device)
             source = ModelSource(engine, tokenizer, prompt_template=a.prompt_template,
-                                 system_prompt=a.system_prompt, use_chat_template=use_chat)
+                                 system_prompt=a.system_prompt, use_chat_template=use_chat, tool_prompt=a.tool_prompt)
         meta = {
             "model": model_ref,
             "completion_source": source_desc,

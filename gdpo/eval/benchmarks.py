@@ -41,6 +41,7 @@ class Problem:
     references: tuple[str, ...]  # accepted final answers; any may match
     solution: str | None = None
     row: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)  # the raw row (oracle fields)
+    task: str = "math"  # the benchmark's task (see Benchmark.task)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class Benchmark:
     fields: Mapping[str, str] = field(default_factory=lambda: {k: k for k in FIELD_KEYS})
     hub_answer_format: str = "plain"  # "gsm8k": the answer is the text after the last "####"
     fallbacks: tuple[str, ...] = ("answer_tag", "answer_is")  # answer extraction after \boxed{}, in order
+    # "math" (graded on the boxed answer), "bfcl/<category>" or "apibank" (tool calling, see gdpo.eval.toolcall)
+    task: str = "math"
 
 
 def _bm(name, description, filename, hub_id, hub_split="test", hub_config=None, hub_fields=None, **kw) -> Benchmark:
@@ -83,6 +86,30 @@ BENCHMARKS: dict[str, Benchmark] = {
             hub_fields={"problem": "question"}, hub_answer_format="gsm8k",
             fallbacks=("answer_tag", "answer_is", "hashes")),
     ]
+}
+
+# Tool calling (gdpo.eval.toolcall): BFCL v3's single-turn categories and ToolRL's API-Bank levels, local files
+# only (under toolcall/ in the data directory). Groups expand to their members; results.json then also holds the
+# group's summary (BFCL: Non-Live, Live, Overall, format-correct; API-Bank: ToolRL's pooled accuracy).
+_BFCL_SIZES = {"simple": 400, "multiple": 200, "parallel": 200, "parallel_multiple": 200, "java": 100,
+               "javascript": 50, "irrelevance": 240, "live_simple": 258, "live_multiple": 1053, "live_parallel": 16,
+               "live_parallel_multiple": 24, "live_irrelevance": 882, "live_relevance": 18}
+for _cat, _n in _BFCL_SIZES.items():
+    BENCHMARKS[f"bfcl_{_cat}"] = Benchmark(f"bfcl_{_cat}", f"BFCL v3 {_cat} ({_n})",
+                                           filename=f"toolcall/bfcl_v3/BFCL_v3_{_cat}.jsonl", task=f"bfcl/{_cat}")
+for _lv, _n in ((1, 399), (2, 67), (3, 131)):
+    BENCHMARKS[f"apibank_l{_lv}"] = Benchmark(f"apibank_l{_lv}", f"API-Bank level {_lv}, ToolRL's file ({_n})",
+                                              filename=f"toolcall/toolrl_apibank_level{_lv}.jsonl", task="apibank")
+def is_tool_task(task: str) -> bool:
+    """Whether a Benchmark.task is a tool-calling one (graded by gdpo.eval.toolcall)."""
+    return task == "apibank" or task.startswith("bfcl/")
+
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "bfcl_nonlive": tuple(f"bfcl_{c}" for c in list(_BFCL_SIZES)[:7]),
+    "bfcl_live": tuple(f"bfcl_{c}" for c in list(_BFCL_SIZES)[7:]),
+    "bfcl": tuple(f"bfcl_{c}" for c in _BFCL_SIZES),
+    "apibank": ("apibank_l1", "apibank_l2", "apibank_l3"),
 }
 
 # Hub datasets disagree on field names; these are tried after the benchmark's own mapping.
@@ -133,6 +160,9 @@ def resolve_benchmarks(spec: str, fields: Mapping[str, str] | None = None) -> li
     for item in (s.strip() for s in spec.split(",")):
         if not item:
             continue
+        if item in GROUPS:  # a group adds those of its members not already listed
+            out.extend(BENCHMARKS[m] for m in GROUPS[item] if BENCHMARKS[m] not in out)
+            continue
         name, sep, path = item.partition("=")
         if not sep and item.endswith(".jsonl"):
             name, path = Path(item).stem, item
@@ -145,11 +175,14 @@ def resolve_benchmarks(spec: str, fields: Mapping[str, str] | None = None) -> li
             out.append(Benchmark(name, f"custom: {path}", path=path, fields=custom))
             continue
         if name not in BENCHMARKS:
-            close = difflib.get_close_matches(name, list(BENCHMARKS), n=1)
+            close = difflib.get_close_matches(name, list(BENCHMARKS) + list(GROUPS), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise EvalInputError(
-                f"unknown benchmark {name!r}{hint}; known: {', '.join(BENCHMARKS)}, or name=file.jsonl"
+                f"unknown benchmark {name!r}{hint}; known: {', '.join(BENCHMARKS)}, groups: {', '.join(GROUPS)}, "
+                "or name=file.jsonl"
             )
+        if BENCHMARKS[name] in out and is_tool_task(BENCHMARKS[name].task):
+            continue  # already added by a group
         out.append(BENCHMARKS[name])
     if not out:
         raise EvalInputError("no benchmark given (--benchmarks aime24,amc,...)")
@@ -259,6 +292,9 @@ def benchmark_source(b: Benchmark, data_dir: str | os.PathLike | None, hub: bool
     """(where the rows come from: a file path or a hub id, whether it is the hub)."""
     if b.path is not None:
         return str(b.path), False
+    if (hub or data_dir is None) and b.hub_id is None:
+        raise EvalInputError(f"benchmark {b.name!r} has no hub copy; set --data-dir (or {DATA_DIR_ENV}) to the "
+                             f"directory holding {b.filename}")
     if hub or data_dir is None:
         return f"{b.hub_id}" + (f":{b.hub_config}" if b.hub_config else "") + f"[{b.hub_split}]", True
     return str((Path(data_dir) / b.filename).resolve()), False
@@ -277,6 +313,11 @@ def load_problems(
             how = "" if b.path else f" (set --data-dir or {DATA_DIR_ENV} to the directory holding {b.filename})"
             raise EvalInputError(f"benchmark {b.name!r}: data file {path} not found{how}")
         rows = _read_jsonl(path, b.name)
-    problems = rows_to_problems(rows, b, hub=from_hub, where=where)
+    if is_tool_task(b.task):
+        from gdpo.eval.toolcall import tool_problems
+
+        problems = tool_problems(rows, b, where)
+    else:
+        problems = rows_to_problems(rows, b, hub=from_hub, where=where)
     return problems[:limit] if limit else problems
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
-from gdpo.eval.benchmarks import Benchmark, EvalInputError, Problem
+from gdpo.eval.benchmarks import Benchmark, EvalInputError, Problem, is_tool_task
 from gdpo.eval.metrics import ProblemGrades, cluster_answers, summarize
 
 # DeepSeek-R1's recommended math prompt (no system prompt), used by DeepScaleR and the paper's evaluations.
@@ -78,8 +78,9 @@ class ModelSource:
     length_unit = "tokens"
 
     def __init__(self, engine, tokenizer, *, prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
-                 system_prompt: str | None = None, use_chat_template: bool = True):
+                 system_prompt: str | None = None, use_chat_template: bool = True, tool_prompt: str = "toolrl"):
         self.engine = engine
+        self.tool_prompt = tool_prompt  # tool-calling problems: "toolrl" or "chat" (gdpo.eval.toolcall)
         self.tokenizer = tokenizer
         self.prompt_template = prompt_template
         self.system_prompt = system_prompt
@@ -89,6 +90,11 @@ class ModelSource:
         pass
 
     def prompt_text(self, problem: Problem) -> str:
+        if is_tool_task(problem.task):
+            from gdpo.eval.toolcall import tool_prompt_text
+
+            return tool_prompt_text(problem.task, problem.row, self.tokenizer, self.tool_prompt,
+                                    self.use_chat_template)
         return render_prompt(problem.problem, self.prompt_template, self.system_prompt, self.tokenizer,
                              self.use_chat_template)
 
@@ -131,8 +137,9 @@ class OracleSource:
     """
 
     def __init__(self, field: str = "solution", *, shuffle: bool = False, seed: int = 0, tokenizer=None,
-                 tokenizer_name: str | None = None):
+                 tokenizer_name: str | None = None, tool_prompt: str = "toolrl"):
         self.field = field
+        self.tool_prompt = tool_prompt  # tool problems: the ground truth is rendered in this format
         self.shuffle = shuffle
         self.seed = seed
         self.tokenizer = tokenizer
@@ -140,6 +147,10 @@ class OracleSource:
         self._text: dict[str, str] = {}
 
     def _value(self, benchmark: str, p: Problem) -> str:
+        if is_tool_task(p.task):
+            from gdpo.eval.toolcall import oracle_text
+
+            return oracle_text(p.task, p.row, self.field, self.tool_prompt)
         value = p.row.get(self.field)
         if value is None and self.field == "solution":
             value = p.solution
@@ -206,6 +217,8 @@ def grade_samples(
 
 
 def _grade_job(job: tuple) -> tuple:
+    if callable(job[0]):  # (grading function, *its arguments): tool calling, see gdpo.eval.toolcall
+        return job[0](*job[1:])
     return grade_samples(*job)
 
 
@@ -238,8 +251,9 @@ class Grader:
             self._pool = mp.get_context("fork").Pool(workers, initializer=_ignore_sigint)
 
     def submit(self, jobs: list[tuple[Sequence[str], Sequence[str], Sequence[str]]]):
-        """A handle whose .get() is [(extracted, correct, clusters)] per job."""
-        full = [(refs, texts, fbs, self.timeout_s) for refs, texts, fbs in jobs]
+        """A handle whose .get() is [(extracted, correct, clusters[, extras])] per job; a job is (references,
+        texts, fallbacks) for math, or (function, *arguments) graded by that function."""
+        full = [job if callable(job[0]) else (*job, self.timeout_s) for job in jobs]
         if self._pool is None:
             return _Done([_grade_job(j) for j in full])
         return self._pool.map_async(_grade_job, full, chunksize=1)
@@ -391,6 +405,15 @@ class BenchmarkRun:
     all_problems: list[Problem]  # the whole benchmark (the oracle's shuffle draws from it)
     where: str  # file path or hub id
     fallbacks: tuple[str, ...]
+    tool_prompt: str = "toolrl"  # tool-calling benchmarks: the prompt format the responses are parsed in
+
+
+def _grading_job(run: BenchmarkRun, p: Problem, texts: list[str]) -> tuple:
+    if is_tool_task(p.task):
+        from gdpo.eval.toolcall import grade_tool_samples
+
+        return (grade_tool_samples, p.task, p.row, texts, run.tool_prompt)
+    return (p.references, texts, run.fallbacks)
 
 
 def _seed(seed: int, bench: str, problems: Sequence[Problem]) -> int:
@@ -452,7 +475,9 @@ def run_eval(
     def flush(item) -> None:
         run, batch, comps, handle = item
         graded = handle.get()
-        for i, (p, (extracted, correct, clusters)) in enumerate(zip(batch, graded)):
+        for i, (p, g) in enumerate(zip(batch, graded)):
+            extracted, correct, clusters = g[:3]
+            extras = g[3] if len(g) > 3 else None  # per-sample extra fields (tool calling: format_ok, error)
             for j in range(k):
                 r = i * k + j
                 f.write(json.dumps({
@@ -465,6 +490,7 @@ def run_eval(
                     "length": int(comps.lengths[r]),
                     "truncated": bool(comps.truncated[r]),
                     "cluster": int(clusters[j]),
+                    **(extras[j] if extras else {}),
                 }, ensure_ascii=False) + "\n")
         f.flush()
         if bar is not None:
@@ -482,7 +508,7 @@ def run_eval(
                 n = len(batch) * k
                 if not (len(comps.texts) == len(comps.lengths) == len(comps.truncated) == n):
                     raise RuntimeError(f"completion source returned {len(comps.texts)} completions for {n}")
-                jobs = [(p.references, comps.texts[i * k : (i + 1) * k], run.fallbacks) for i, p in enumerate(batch)]
+                jobs = [_grading_job(run, p, comps.texts[i * k : (i + 1) * k]) for i, p in enumerate(batch)]
                 handle = grader.submit(jobs)  # graded while the next batch generates
                 if pending is not None:
                     flush(pending)
@@ -545,7 +571,13 @@ def compute_results(
             ))
         m = summarize(grades, pass_ks=pass_ks, maj_ks=maj_ks, exceed_length=exceed_length)
         benches[name] = {"description": run.benchmark.description, "data": run.where, **m}
-    return {**meta, "k": k, "length_unit": length_unit, "exceed_length": exceed_length, "benchmarks": benches}
+    out = {**meta, "k": k, "length_unit": length_unit, "exceed_length": exceed_length, "benchmarks": benches}
+    if any(is_tool_task(r.benchmark.task) for r in runs):  # tool calling: accuracy, format-correct, group summaries
+        from gdpo.eval.benchmarks import GROUPS
+        from gdpo.eval.toolcall import tool_results
+
+        out["groups"] = tool_results(benches, rows, runs, k, GROUPS)
+    return out
 
 
 def _pct(x: float) -> str:
@@ -569,7 +601,9 @@ def format_table(results: dict) -> str:
     fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     lines = [fmt(head)] + [fmt(r) for r in body]
     lines.append(f"(rates in %; lengths in {results['length_unit']}; exceed = share of responses longer than {L})")
-    return "\n".join(lines)
+    from gdpo.eval.toolcall import format_tool_table
+
+    return "\n".join(lines + format_tool_table(results))
 
 
 def log_wandb(results: dict, store: SampleStore, *, mode: str, project: str, name: str | None, out_dir: Path,
@@ -584,13 +618,17 @@ def log_wandb(results: dict, store: SampleStore, *, mode: str, project: str, nam
     import wandb
 
     run = wandb.init(mode=mode, project=project, name=name or Path(out_dir).name, dir=str(out_dir),
-                     job_type="eval", config={k: v for k, v in results.items() if k != "benchmarks"},
+                     job_type="eval", config={k: v for k, v in results.items() if k not in ("benchmarks", "groups")},
                      settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
     metric_names = sorted({m for b in results["benchmarks"].values() for m in b if m not in ("description", "data")})
     for bench, m in results["benchmarks"].items():
         for key in metric_names:
             if key in m:
                 run.summary[f"{bench}/{key}"] = m[key]
+    for group, s in results.get("groups", {}).items():  # tool-calling summaries (Non-Live, Live, Overall, ...)
+        for key, value in s.items():
+            if isinstance(value, (int, float)):
+                run.summary[f"{group}/{key}"] = value
     run.log({"metrics": wandb.Table(columns=["benchmark"] + metric_names,
                                     data=[[b] + [m.get(c) for c in metric_names]
                                           for b, m in results["benchmarks"].items()])})
