@@ -19,6 +19,7 @@ condition, so chains compose (for an unconditioned reward that is its raw value)
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import math
 import multiprocessing as mp
@@ -114,6 +115,35 @@ def resolve_reward_fn(fn: Any, name: str = "?") -> Callable:
     if not callable(obj):
         raise ValueError(f"reward {name!r}: {fn!r} is not callable")
     return obj
+
+
+def check_reward_kwargs(fn: Callable, kwargs: Mapping[str, Any], name: str = "?", *, builtin: bool = False) -> None:
+    """ValueError naming each keyword in `kwargs` that `fn` does not take.
+
+    A built-in takes exactly its named keyword parameters (its ``**_`` only swallows dataset columns, so a
+    typo such as ``max_token`` would otherwise fall back to the default silently); a user function with
+    ``**kwargs`` takes anything.
+
+    >>> from gdpo.rewards.lengths import length
+    >>> check_reward_kwargs(length, {"max_token": 20}, "short", builtin=True)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: reward 'short': unknown kwargs ['max_token'] for length; allowed: graded, margin, max_tokens
+    """
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return  # a builtin without a signature (C function): nothing to check against
+    named = [p.name for p in params.values()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in _RESERVED]
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    if open_ended and not builtin:
+        return
+    bad = sorted(k for k in kwargs if k not in named)
+    if bad:
+        label = getattr(fn, "__name__", repr(fn))
+        raise ValueError(f"reward {name!r}: unknown kwargs {bad} for {label}; "
+                         f"allowed: {', '.join(sorted(named)) or 'none'}")
 
 
 @dataclass
@@ -277,6 +307,8 @@ class RewardBank:
             bad = [k for k in kwargs if k in _RESERVED]
             if bad:
                 raise ValueError(f"reward {name!r}: kwargs may not set {bad}; those are passed by the bank")
+            is_builtin = isinstance(fn, str) and fn.strip() in BUILTINS
+            check_reward_kwargs(self._fns[-1], kwargs, name, builtin=is_builtin)
             try:
                 weight = float(_get(spec, "weight", 1.0))
                 fallback = float(_get(spec, "fallback", 0.0))

@@ -101,6 +101,29 @@ def _needs_exposing(paths: tuple[str, ...]) -> list[tuple[str, str]]:
     return out
 
 
+_ALLOW_UNSANDBOXED = [False]
+
+
+def set_allow_unsandboxed(allow: bool) -> None:
+    """Process-wide default of `run_python(allow_unsandboxed=...)` (the config's ``rewards.allow_unsandboxed``;
+    the reward bank sets it in each worker)."""
+    _ALLOW_UNSANDBOXED[0] = bool(allow)
+
+
+def _interpreter_dirs(exe: str, own: bool, site_packages: bool) -> list[str]:
+    """Directories the interpreter needs inside the private root besides /usr and /lib: its prefix (and a
+    venv's, when site-packages are wanted)."""
+    real = os.path.realpath(exe)
+    dirs = [os.path.dirname(os.path.dirname(real))]
+    if site_packages and os.path.abspath(exe) != real:
+        dirs.append(os.path.dirname(os.path.dirname(os.path.abspath(exe))))
+    if own:
+        dirs.append(sys.base_prefix)
+        if site_packages:
+            dirs.append(sys.prefix)
+    return sorted(set(dirs))
+
+
 def _decode(b: bytes) -> str:
     return b.decode("utf-8", errors="replace")
 
@@ -115,19 +138,23 @@ def run_python(
     cpu_s: float = 5.0,
     memory_mb: int = 512,
     fsize_mb: int = 16,
+    disk_mb: int = 64,
     max_procs: int = 16,
     max_output_bytes: int = 1 << 20,
     python: Optional[str] = None,
     site_packages: bool = False,
     namespaces: bool = True,
+    allow_unsandboxed: Optional[bool] = None,
 ) -> SandboxResult:
     """Run `source` as ``python -I -S main.py *args`` in a fresh sandbox and return what it did.
 
     `files` are extra files written next to main.py. `site_packages=True` drops ``-S`` so the program can
     import the installed packages (numpy...), at ~40 ms more start-up per run; it needs an interpreter outside
     the world-writable directories (a venv under /tmp is hidden in the sandbox: use the default there).
-    `namespaces=False` skips the
-    pid/net/mount namespaces (for comparison; limits and the private uid still apply where possible).
+    `disk_mb` caps everything the program writes (its /tmp is a tmpfs of that size; `fsize_mb` caps one
+    file). `namespaces=False` skips the pid/net/mount namespaces (for comparison; limits and the private uid
+    still apply where possible). Where the host refuses namespaces the run is refused (`setup_error`) unless
+    `allow_unsandboxed` (None = the process-wide setting of `set_allow_unsandboxed`, off by default).
     Never raises for anything the program does.
 
     >>> r = run_python("print(sum(map(int, input().split())))", "2 3\\n")
@@ -181,6 +208,10 @@ def run_python(
             "fsize_mb": int(fsize_mb),
             "max_procs": int(max_procs),
             "namespaces": namespaces,
+            "allow_unsandboxed": _ALLOW_UNSANDBOXED[0] if allow_unsandboxed is None else bool(allow_unsandboxed),
+            "disk_mb": max(1, int(disk_mb)),
+            "disk_inodes": 4096,
+            "binds": _interpreter_dirs(exe, python is None, site_packages),
             "expose": _needs_exposing((os.path.realpath(exe), sys.base_prefix, sys.prefix)),
         }
         try:
@@ -201,6 +232,12 @@ def run_python(
             os.close(fd)
             fds.remove(fd)
         out, err, timed_out, truncated = _collect(out_r, err_r, t0 + wall_s, max_output_bytes)
+        if not (timed_out or truncated):
+            # Both streams closed, but the program may have closed them itself and still be running.
+            try:
+                launcher.wait(timeout=max(0.0, t0 + wall_s - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                timed_out = True
         if timed_out or truncated:
             _stop(launcher)
         launcher.wait()
@@ -291,7 +328,7 @@ def isolation() -> dict:
         "    net = e.errno not in (101, 99)\n"  # ENETUNREACH / EADDRNOTAVAIL: no usable loopback
         "print(os.getuid(), os.getpid(), int(net))\n"
     )
-    r = run_python(probe, wall_s=20, cpu_s=10)
+    r = run_python(probe, wall_s=20, cpu_s=10, allow_unsandboxed=True)
     try:
         uid, pid, net = (int(x) for x in r.stdout.split())
     except ValueError:
@@ -301,3 +338,29 @@ def isolation() -> dict:
     return {"namespaces": ns, "network": bool(net), "pid_namespace": pid <= 3, "private_uid": uid >= UID_BASE}
 
 
+
+
+def _sysctl(name: str) -> Optional[str]:
+    try:
+        with open("/proc/sys/" + name.replace(".", "/")) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def sandbox_refusal() -> Optional[str]:
+    """None where generated code can run isolated; else one line saying why not and how to allow it."""
+    iso = isolation()
+    if iso["namespaces"] != "none":
+        return None
+    knobs = []
+    for name, good in (("user.max_user_namespaces", "15000"), ("kernel.unprivileged_userns_clone", "1"),
+                       ("kernel.apparmor_restrict_unprivileged_userns", "0")):
+        value = _sysctl(name)
+        if value is not None and value != good and not (name == "user.max_user_namespaces" and value != "0"):
+            knobs.append(f"sysctl -w {name}={good} (now {value})")
+    how = "; ".join(knobs) or "run as root, or in a container that allows unshare(CLONE_NEWUSER) (e.g. docker " \
+                               "--security-opt seccomp=unconfined)"
+    err = str(iso.get("error", "")).strip().splitlines()
+    return (f"this host refuses the namespaces the sandbox needs ({err[-1][:160] if err else 'unshare failed'}); "
+            f"allow them: {how}; or set rewards.allow_unsandboxed=true to run it with rlimits only")
