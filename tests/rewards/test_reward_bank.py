@@ -248,7 +248,10 @@ def test_metrics_ignore_nan():
     m = res.metrics()
     assert m["rewards/s/mean"] == pytest.approx(0.5)
     assert m["rewards/s/std"] == pytest.approx(math.sqrt(((0.5) ** 2 + 0.5**2 + 0) / 3))
-    assert set(m) == {f"rewards/s/{k}" for k in ("mean", "std", "errors", "timeouts", "seconds")}
+    assert res.nans == {"s": 1}
+    assert m["rewards/s/nan_frac"] == 0.25
+    assert set(m) == {f"rewards/s/{k}"
+                      for k in ("mean", "std", "errors", "timeouts", "memory_kills", "nan_frac", "seconds")}
 
 
 def test_hostile_inputs_through_every_non_code_builtin():
