@@ -88,13 +88,12 @@ def _check_model(cfg: Config) -> None:
     model_dir = None
     if m.name_or_path != "demo":
         model_dir = _check_local_or_hub(m.name_or_path, "model.name_or_path", model_what)
-        if model_dir is not None and not (model_dir / "config.json").is_file():
-            raise ConfigError(f"model.name_or_path: {m.name_or_path!r} holds no model (no config.json); expected "
-                              "a directory written by save_pretrained, a hub id, or demo")
+        if model_dir is not None:
+            _check_model_dir(model_dir, m.name_or_path, "model.name_or_path")
     if m.ref_name_or_path and cfg.loss.beta > 0:
         ref_dir = _check_local_or_hub(m.ref_name_or_path, "model.ref_name_or_path", model_what)
-        if ref_dir is not None and not (ref_dir / "config.json").is_file():
-            raise ConfigError(f"model.ref_name_or_path: {m.ref_name_or_path!r} holds no model (no config.json)")
+        if ref_dir is not None:
+            _check_model_dir(ref_dir, m.ref_name_or_path, "model.ref_name_or_path")
     # The tokenizer: cheap to load, and a broken one ("Couldn't instantiate the backend tokenizer") is a
     # ValueError deep in transformers. Only local directories: a hub id may need the network.
     key, ref = ("model.tokenizer", m.tokenizer) if m.tokenizer else ("model.name_or_path", m.name_or_path)
@@ -106,16 +105,33 @@ def _check_model(cfg: Config) -> None:
         check_tokenizer(str(tok_dir), key, trust_remote_code=m.trust_remote_code)
 
 
+_WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.pt", "*.pth", "*.gguf")
+
+
+def _check_model_dir(path: Path, ref: str, key: str) -> None:
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{key}: {ref!r} holds no model (no config.json); expected a directory written by "
+                          "save_pretrained, a hub id, or demo")
+    if not any(any(path.glob(g)) for g in _WEIGHTS):
+        raise ConfigError(f"{key}: {ref!r} holds no weights (no *.safetensors or pytorch_model*.bin next to its "
+                          "config.json)")
+
+
 def check_tokenizer(ref: str, key: str, *, trust_remote_code: bool = False):
     """Load the tokenizer `ref` or raise ConfigError naming `key`; returns it (setup may reuse it)."""
     from gdpo.policy.model import load_tokenizer
 
     try:
-        return load_tokenizer(ref, trust_remote_code=trust_remote_code)
+        tok = load_tokenizer(ref, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - OSError, ValueError (no backend tokenizer), KeyError...: one line
         text = str(e).strip().splitlines()
         first = (text[0] if text else type(e).__name__)[:200]
         raise ConfigError(f"{key}: cannot load a tokenizer from {ref!r} ({type(e).__name__}: {first})") from None
+    # transformers builds an empty tokenizer (one special token) from a directory with no vocabulary files
+    if len(tok) < 3 or not tok("hello 12", add_special_tokens=False).input_ids:
+        raise ConfigError(f"{key}: the tokenizer in {ref!r} has no vocabulary ({len(tok)} tokens); the directory "
+                          "lacks tokenizer.json / vocab files")
+    return tok
 
 
 def _check_data(cfg: Config) -> None:
