@@ -365,6 +365,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 return _coerce(value, a, path)
             except ConfigError as e:
                 errors.append(e)
+        deeper = [e for e in errors if str(e).startswith(f"{path}.")]
+        if deeper:  # e.g. a bad key inside an optional section: name that key, not the section
+            raise deeper[0]
         raise ConfigError(f"{path}: got {value!r}, expected {_type_name(tp)}")
     if origin is Literal:
         allowed = typing.get_args(tp)
@@ -444,8 +447,9 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"rewards.functions.{i}.name: every reward needs a name")
         if not r.fn:
             raise ConfigError(f"rewards.functions.{i}.fn: every reward needs a function (built-in or module:fn)")
-        if names.count(r.name) > 1:
-            raise ConfigError(f"rewards.functions.{i}.name: duplicate reward name {r.name!r}")
+        if r.name in names[:i]:
+            raise ConfigError(f"rewards.functions.{i}.name: duplicate reward name {r.name!r} (also "
+                              f"rewards.functions.{names.index(r.name)}); names must be unique")
         if r.condition is not None and r.condition.on not in names:
             raise ConfigError(
                 f"rewards.functions.{i}.condition.on: {r.condition.on!r} is not a reward name; "

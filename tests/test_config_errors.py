@@ -287,3 +287,18 @@ def test_cli_subprocess_binary_and_duplicate(tmp_path):
         p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--check", "--config", str(cfg)],
                            cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
         assert p.returncode == 2 and expected in p.stderr and p.stderr.count("\n") == 1, p.stderr
+
+
+@pytest.mark.slow
+def test_probe_of_every_key_is_clear(capsys):
+    """benchmarks/config_probe.py: every key with a wrong-typed / out-of-range value, and the file-level
+    mistakes, through --check: all clear (the README's figure)."""
+    spec = importlib.util.spec_from_file_location("config_probe", ROOT / "benchmarks" / "config_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    assert len(probe.cases()) >= 200
+    rc = probe.main()
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    n = len(probe.cases())
+    assert f"configs tried: {n}\n  clear: {n}\n" in out
