@@ -172,8 +172,10 @@ class RewardsConfig:
     """Address-space cap of each reward worker in MB (0 = off); a worker that exceeds it is replaced, its rows
     get the fallback, and it is counted in ``rewards/<name>/memory_kills``."""
     allow_unsandboxed: bool = False
-    """Let the code rewards (code_pass, code_bug) run generated programs where the host refuses namespaces (then
-    only rlimits and a process group hold: the program can read what the trainer's user can). Off = refuse."""
+    """Let the code rewards (code_pass, code_bug) run generated programs where the host refuses namespaces. Then
+    only rlimits, a cleared environment and a process group hold: the program can read every file the trainer's
+    user can, and signal that user's processes (as root it runs under a private uid, or is refused). Off =
+    refuse to start."""
 
 
 @dataclass

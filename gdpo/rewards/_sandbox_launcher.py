@@ -296,6 +296,12 @@ def main(spec):
     # A private uid needs root; without a mount namespace it also needs an interpreter it can reach.
     private = mode == "root" or (mode == "none" and os.geteuid() == 0 and not spec["expose"])
     uid = UID_BASE + os.getpid() if private else None
+    if mode == "none" and os.geteuid() == 0 and uid is None:
+        # Never run generated code as root without a pid namespace: kill(-1) would reach every process.
+        os.write(status_fd, json.dumps({"setup_error": "refusing to run the program as root without namespaces: "
+                                        "its interpreter (under %s) is not reachable by an unprivileged uid; "
+                                        "use an interpreter outside it" % spec["expose"][0][0]}).encode())
+        os._exit(76)
     alive_r, alive_w = os.pipe()
     child = []
 

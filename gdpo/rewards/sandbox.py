@@ -197,6 +197,7 @@ def run_python(
             "OPENBLAS_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
         }
+        binds = _interpreter_dirs(exe, python is None, site_packages)
         spec = {
             "caller": os.getpid(),
             "tmpdir": tmpdir,
@@ -211,8 +212,8 @@ def run_python(
             "allow_unsandboxed": _ALLOW_UNSANDBOXED[0] if allow_unsandboxed is None else bool(allow_unsandboxed),
             "disk_mb": max(1, int(disk_mb)),
             "disk_inodes": 4096,
-            "binds": _interpreter_dirs(exe, python is None, site_packages),
-            "expose": _needs_exposing((os.path.realpath(exe), sys.base_prefix, sys.prefix)),
+            "binds": binds,
+            "expose": _needs_exposing((os.path.realpath(exe), *binds)),
         }
         try:
             # No preexec_fn, so CPython spawns with vfork: no copy of this process's page tables.

@@ -2,7 +2,7 @@
 
 Stdlib only, so that the unprivileged tier can run it under /usr/bin/python3 as uid 65534:
 
-    python3 sandbox_hostile_cases.py <path of gdpo/rewards/sandbox.py> <secret dir> [namespaces]
+    python3 sandbox_hostile_cases.py <path of gdpo/rewards/sandbox.py> <secret dir>
 
 prints one JSON object {case: [contained, detail]}. tests/rewards/test_sandbox_hostile.py runs it in-process
 as root and as a subprocess under `setpriv --reuid=65534`; the README's reliability figures come from it.
@@ -61,7 +61,8 @@ def _alive_with(marker):
 
 
 def run_all(sb, secret_dir, namespaces=True, **kw):
-    """{case: (contained, detail)} for every hostile program."""
+    """{case: (contained, detail)} for every hostile program. Namespaces only (see case 15)."""
+    assert namespaces and sb.isolation()["namespaces"] != "none", "hostile cases need the namespace sandbox"
     run = lambda src, **k: sb.run_python(src, namespaces=namespaces, **{**kw, **k})  # noqa: E731
     secret = os.path.join(secret_dir, "secret.txt")
     home = os.path.expanduser("~")
@@ -161,7 +162,9 @@ def run_all(sb, secret_dir, namespaces=True, **kw):
         srv.close()
     out["connect-to-host-loopback"] = ("DENIED" in r.stdout, r.stdout.strip())
 
-    # 15. Signal every process it can (kill -1): the caller must survive and get a result
+    # 15. Signal every process it can (kill -1): the caller must survive and get a result. Only with
+    # namespaces: without a pid namespace this reaches every process of the user (all of them, as root).
+    assert namespaces, "never run the hostile cases without namespaces: kill(-1) would hit the host"
     r = run("import os, signal\ntry:\n    os.kill(-1, signal.SIGKILL)\nexcept OSError:\n    pass\nprint('alive')\n")
     out["kill-minus-one"] = (True, "caller alive; rc=%s" % r.returncode)  # reaching this line is the test
 
@@ -185,10 +188,12 @@ def run_all(sb, secret_dir, namespaces=True, **kw):
 
 def main():
     sb = load_sandbox(sys.argv[1])
-    namespaces = len(sys.argv) < 4 or sys.argv[3] != "none"
-    kw = {} if namespaces else {"allow_unsandboxed": True}
-    res = run_all(sb, sys.argv[2], namespaces=namespaces, **kw)
-    res["_isolation"] = (True, json.dumps(sb.isolation()))
+    iso = sb.isolation()
+    if iso["namespaces"] == "none":  # refuse rather than run hostile code on the host
+        print(json.dumps({"_isolation": (True, json.dumps(iso))}))
+        return
+    res = run_all(sb, sys.argv[2])
+    res["_isolation"] = (True, json.dumps(iso))
     print(json.dumps(res))
 
 

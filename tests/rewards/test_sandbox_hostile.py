@@ -147,5 +147,16 @@ def test_run_is_refused_without_namespaces_unless_allowed(monkeypatch):
     r = sandbox.run_python("print('ran')")
     assert r.returncode is None and r.stdout == ""
     assert r.setup_error.startswith("namespaces refused (root: [Errno 1] Operation not permitted")
-    r = sandbox.run_python("print('ran')", allow_unsandboxed=True)
-    assert r.returncode == 0 and r.stdout == "ran\n"
+    prog = "import os; print('ran as', os.getuid())"
+    if os.geteuid() != 0:
+        r = sandbox.run_python(prog, allow_unsandboxed=True)
+        assert r.returncode == 0 and r.stdout == f"ran as {os.getuid()}\n"
+        return
+    # root: allowed only under a private uid, i.e. with an interpreter such a uid can reach
+    if os.path.exists("/usr/bin/python3"):
+        r = sandbox.run_python(prog, allow_unsandboxed=True, python="/usr/bin/python3")
+        assert r.returncode == 0 and int(r.stdout.split()[-1]) >= sandbox.UID_BASE, r
+    if sandbox._needs_exposing((os.path.realpath(sys.executable),)):
+        r = sandbox.run_python(prog, allow_unsandboxed=True)
+        assert r.returncode is None and r.stdout == ""
+        assert r.setup_error.startswith("refusing to run the program as root without namespaces: its interpreter")
