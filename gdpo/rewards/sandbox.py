@@ -3,31 +3,37 @@
 The caller starts `_sandbox_launcher.py` with one vfork+exec (never forking its own, possibly huge,
 address space); the launcher builds the process tree
 
-    L (launcher, root)  unshare(pid, net, mount, ipc) namespaces
-      └─ G  PID 1 of the new pid namespace; private /tmp, fresh /proc
-           └─ P  rlimits, drop to a fresh uid, no_new_privs, exec python on the program
+    L (launcher)  unshare(pid, net, mount, ipc) namespaces; as a non-root user also a user namespace
+      └─ G  PID 1 of the new pid namespace; builds a private root and pivots into it; fresh /proc
+           └─ P  rlimits, a fresh uid (root) / no capabilities (user namespace), no_new_privs, exec python
 
-* Limits: RLIMIT_CPU, RLIMIT_AS (memory), RLIMIT_FSIZE, RLIMIT_NPROC, RLIMIT_NOFILE, RLIMIT_CORE=0 on P; the
-  wall clock and the output cap are enforced by the caller, which reads at most `max_output_bytes` of each
-  stream (so printing 1 GB never makes the caller buffer 1 GB) and then stops the run.
+* A private root, as root and as an unprivileged user alike: an empty read-only tmpfs holding only /usr,
+  /lib*, /bin, /sbin and /etc/ld.so.cache (read-only: the interpreter's shared libraries), the interpreter's
+  own prefix (read-only; with `site_packages` also the venv), /dev/{null,zero,full,random,urandom}, a /proc
+  of the pid namespace, and /tmp: a tmpfs of `disk_mb` MB and 4096 inodes, the program's cwd and HOME and
+  the only writable place (/dev/shm points there). The old root is detached, so the project, the data,
+  $HOME, /work... and every file of the trainer's user do not exist for the program, whatever their mode.
+* Limits: RLIMIT_CPU, RLIMIT_AS (memory), RLIMIT_FSIZE (one file; `disk_mb` caps them all), RLIMIT_NPROC,
+  RLIMIT_NOFILE, RLIMIT_CORE=0 on P; the wall clock and the output cap are enforced by the caller, which
+  reads at most `max_output_bytes` of each stream (so printing 1 GB never makes the caller buffer 1 GB) and
+  then stops the run; a program that closes its stdout and stderr is still stopped at the wall clock.
 * Killing is total: to stop a run the caller asks L, which SIGKILLs G (PID 1); the kernel then kills every
   process left in the pid namespace (a fork bomb, a daemonised child, a `setsid` escape) before it reports
   G's death, so when `run_python` returns nothing of the run is left. L and G also carry
   PR_SET_PDEATHSIG=SIGKILL, so a reward worker killed by the bank takes its sandboxes down too.
 * When running as root, P runs as uid/gid ``UID_BASE + pid(L)``: a uid no other process has, so
-  RLIMIT_NPROC (which is per uid and does not bind root) caps exactly this program's processes, nothing
-  under /work is writable, and /proc/<pid>/environ of other processes is unreadable.
+  RLIMIT_NPROC (which is per uid and does not bind root) caps exactly this program's processes.
 * No network: a new network namespace has only a downed loopback, so even 127.0.0.1 is unreachable.
-* World-writable directories (/tmp, /var/tmp, /dev/shm, /run/lock) are bind-mounted onto the run's own
-  temporary directory, which is deleted afterwards; writes anywhere else fail with EACCES/ENOENT. An
-  interpreter under a directory the fresh uid cannot enter (e.g. /root/.pyenv) is bind-mounted into an
-  empty tmpfs over that directory, which also hides the rest of it.
-* The environment is built from scratch (PATH, HOME, LANG and thread-count pins): no parent variable leaks.
+* The environment is built from scratch (PATH, HOME, LANG and thread-count pins): no parent variable leaks;
+  only stdin/stdout/stderr are open in P.
 
-Where the platform refuses namespaces (no CAP_SYS_ADMIN and no unprivileged user namespaces) the run falls
-back to rlimits + a new session killed as a group; then network and pid isolation do NOT hold.  `isolation()`
-reports what holds on this machine.  Not provided: seccomp syscall filtering and a cgroup memory cap for the
-whole tree (memory is bounded by ``memory_mb * max_procs``).
+Where the platform refuses namespaces (no CAP_SYS_ADMIN and no unprivileged user namespaces) a run is
+refused (`setup_error`), unless `allow_unsandboxed` (``rewards.allow_unsandboxed``): then only rlimits, the
+cleared environment, a private uid as root (a root run whose interpreter that uid cannot reach is refused)
+and a session killed as a group hold; no file, network or pid isolation. `isolation()` reports what holds
+on this machine, `sandbox_refusal()` the one line the trainer prints at start. Not provided: seccomp
+syscall filtering and a cgroup memory cap for the whole tree (memory is bounded by ``memory_mb * max_procs``
+plus `disk_mb`).
 """
 
 from __future__ import annotations
