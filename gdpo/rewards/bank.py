@@ -222,11 +222,11 @@ def _start_guard(worker_pid: int) -> None:
         os.closerange(3, 65536)  # holds nothing of the worker's: its pipe to the bank sees EOF when it dies
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        hit = []
-        signal.signal(signal.SIGUSR1, lambda *a: hit.append(1))
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])  # taken by sigtimedwait, the moment it comes
         _prctl_pdeathsig(signal.SIGUSR1)
-        while not hit and os.getppid() == worker_pid:  # the ppid check covers a death before prctl
-            signal.sigtimedwait([signal.SIGUSR1], 1.0)
+        while os.getppid() == worker_pid:  # the ppid check covers a death before prctl
+            if signal.sigtimedwait([signal.SIGUSR1], 1.0) is not None:
+                break
         os.killpg(worker_pid, signal.SIGKILL)
     finally:
         os._exit(0)
