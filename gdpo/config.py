@@ -169,8 +169,9 @@ class RewardsConfig:
     timeout_s: float = rng(30.0, 0.0, lo_open=True)
     """Per-call timeout of a reward on one worker's batch."""
     worker_memory_mb: int = rng(0, 0)
-    """Address-space cap of each reward worker in MB (0 = off); a worker that exceeds it is replaced, its rows
-    get the fallback, and it is counted in ``rewards/<name>/memory_kills``."""
+    """Memory a reward worker may add, in MB, over what it shares with the trainer it was forked from (0 = off):
+    enforced by a soft RLIMIT_AS over its size at start and a watch of its private memory. A worker over it is
+    replaced, its rows get the fallback and are counted in ``rewards/<name>/memory_kills``."""
     allow_unsandboxed: bool = False
     """Let the code rewards (code_pass, code_bug) run generated programs where the host refuses namespaces. Then
     only rlimits, a cleared environment and a process group hold: the program can read every file the trainer's
