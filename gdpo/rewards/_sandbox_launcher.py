@@ -126,7 +126,10 @@ def build_root(spec, uid):
         if uid is not None:
             os.chown(new + "/tmp/" + name, uid, uid)
     os.mkdir(new + "/proc")
-    mount("proc", new + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    try:  # refused in a user namespace where the host's /proc has masked parts (docker): then no /proc at all
+        mount("proc", new + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    except OSError:
+        pass
     os.mkdir(new + "/.old")
     nr = SYS_PIVOT_ROOT.get(os.uname().machine)
     if nr is None:
