@@ -41,7 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    if args.check:
+    if args.check:  # also everything that needs no weights: files, rewards, run dir, resume (gdpo/preflight.py)
+        from gdpo.preflight import preflight
+
+        try:
+            preflight(cfg)
+        except ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            return 2
         print(f"config OK: {args.config or '(defaults)'}")
         return 0
     from gdpo.trainer import train

@@ -51,8 +51,11 @@ class ModelConfig:
     """Recompute activations in the backward pass (saves memory, costs ~30% more compute)."""
     trust_remote_code: bool = False
     """Passed to ``from_pretrained``."""
-    attn_implementation: Optional[str] = None
-    """``sdpa``, ``eager``, ``flash_attention_2``...; None = the transformers default."""
+    attn_implementation: Optional[
+        Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"]
+    ] = None
+    """Attention kernel passed to ``from_pretrained``: eager, sdpa, flash_attention_2, flash_attention_3 or
+    flex_attention; None = the transformers default."""
     logprob_chunk_size: int = rng(1024, 1)
     """Sequence positions per chunk when computing per-token log-probs (bounds the [B, T, V] float32 memory)."""
 
@@ -165,6 +168,15 @@ class RewardsConfig:
     """Reward worker processes (0 = one per CPU core)."""
     timeout_s: float = rng(30.0, 0.0, lo_open=True)
     """Per-call timeout of a reward on one worker's batch."""
+    worker_memory_mb: int = rng(0, 0)
+    """Memory a reward worker may add, in MB, over what it shares with the trainer it was forked from (0 = off):
+    enforced by a soft RLIMIT_AS over its size at start and a watch of its private memory. A worker over it is
+    replaced, its rows get the fallback and are counted in ``rewards/<name>/memory_kills``."""
+    allow_unsandboxed: bool = False
+    """Let the code rewards (code_pass, code_bug) run generated programs where the host refuses namespaces. Then
+    only rlimits, a cleared environment and a process group hold: the program can read every file the trainer's
+    user can, and signal that user's processes (as root it runs under a private uid, or is refused). Off =
+    refuse to start."""
 
 
 @dataclass
@@ -285,10 +297,13 @@ class CheckpointConfig:
 class TrainConfig:
     steps: int = rng(100, 1)
     """Training steps (rollout batch + updates each)."""
-    seed: int = 0
-    """Seed for data order, sampling and initialisation."""
+    seed: int = rng(0, 0, 2**32 - 1)
+    """Seed for data order, sampling and initialisation (0 .. 2**32-1)."""
     run_dir: str = "runs/{name}"
     """Where metrics.jsonl, checkpoints and W&B files go; {name} = the config file's stem."""
+    overwrite: bool = False
+    """A fresh run (no resume) into a run directory that holds another run refuses to start; true = move the
+    old run aside to ``<run_dir>.old-<timestamp>`` (never deleted) and start fresh."""
 
 
 @dataclass
@@ -350,13 +365,17 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, path)
-            except ConfigError:
-                pass  # try the next member; the error below names the whole union
+            except ConfigError as e:
+                errors.append(e)
+        deeper = [e for e in errors if str(e).startswith(f"{path}.")]
+        if deeper:  # e.g. a bad key inside an optional section: name that key, not the section
+            raise deeper[0]
         raise ConfigError(f"{path}: got {value!r}, expected {_type_name(tp)}")
     if origin is Literal:
         allowed = typing.get_args(tp)
@@ -436,8 +455,9 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"rewards.functions.{i}.name: every reward needs a name")
         if not r.fn:
             raise ConfigError(f"rewards.functions.{i}.fn: every reward needs a function (built-in or module:fn)")
-        if names.count(r.name) > 1:
-            raise ConfigError(f"rewards.functions.{i}.name: duplicate reward name {r.name!r}")
+        if r.name in names[:i]:
+            raise ConfigError(f"rewards.functions.{i}.name: duplicate reward name {r.name!r} (also "
+                              f"rewards.functions.{names.index(r.name)}); names must be unique")
         if r.condition is not None and r.condition.on not in names:
             raise ConfigError(
                 f"rewards.functions.{i}.condition.on: {r.condition.on!r} is not a reward name; "
@@ -481,6 +501,30 @@ class _Loader(yaml.SafeLoader):
     stays a key, not True), and 1e-6 is a float, not a string."""
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    # PyYAML keeps the last of two equal keys silently; a config that says a thing twice is a mistake.
+    seen: set = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            dup = key in seen
+        except TypeError:
+            continue  # an unhashable key: the base constructor reports it
+        if dup:
+            raise _DuplicateKey(key, key_node.start_mark.line + 1)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 _Loader.yaml_implicit_resolvers = {
     ch: [(tag, rx) for tag, rx in rs if tag != "tag:yaml.org,2002:bool"]
     for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()
@@ -496,7 +540,14 @@ _Loader.add_implicit_resolver(
 
 
 def yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
+    """YAML 1.2-ish load; a key given twice in one mapping is a ConfigError naming it."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except _DuplicateKey as e:
+        raise ConfigError(
+            f"line {e.line}: duplicate key {e.key!r} (the later one would silently replace the earlier); "
+            "give each key once"
+        ) from None
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -518,6 +569,9 @@ def _set_path(data: dict, parts: list[str], value: Any, full: str) -> None:
     cls: Any = Config
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
+        if not isinstance(node, (dict, list)):
+            above = ".".join(parts[:i])
+            raise ConfigError(f"override {full!r}: '{above}' is a single value ({node!r}), not a section")
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
                 raise ConfigError(f"override {full!r}: {part!r} is not an index of a list of length {len(node)}")
@@ -535,12 +589,21 @@ def _set_path(data: dict, parts: list[str], value: Any, full: str) -> None:
             sub_tp = typing.get_type_hints(cls)[part]
         else:
             sub_tp = Any
+        here = ".".join(parts[: i + 1])
         if last:
             node[part] = value
             return
+        inner_tp = _strip_optional(sub_tp)
+        if not (dataclasses.is_dataclass(inner_tp) or typing.get_origin(inner_tp) in (list, dict) or inner_tp is Any):
+            raise ConfigError(
+                f"override {full!r}: '{here}' is a single value ({_type_name(sub_tp)}), not a section; "
+                f"write {here}=<value>"
+            )
         if node.get(part) is None:
-            node[part] = [] if typing.get_origin(_strip_optional(sub_tp)) is list else {}
-        node, cls = node[part], _strip_optional(sub_tp)
+            node[part] = [] if typing.get_origin(inner_tp) is list else {}
+        if not isinstance(node[part], (dict, list)) and inner_tp is not Any:
+            raise ConfigError(f"{here}: got {node[part]!r}, expected {_type_name(inner_tp)}")
+        node, cls = node[part], inner_tp
 
 
 def _strip_optional(tp: Any) -> Any:
@@ -580,8 +643,20 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
+        raw = p.read_bytes()
+        if b"\x00" in raw:
+            raise ConfigError(f"config file {str(p)!r} is a binary file, not YAML text")
         try:
-            data = yaml_load(p.read_text())
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"config file {str(p)!r} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                "save it as UTF-8"
+            ) from None
+        try:
+            data = yaml_load(text)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""

@@ -2,6 +2,7 @@
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,3 +142,110 @@ def test_resolve_resume(tmp_path):
     assert resolve_resume("auto", tmp_path) is None  # empty run dir: fresh start
     with pytest.raises(FileNotFoundError):
         resolve_resume(str(tmp_path / "nope"), tmp_path)
+
+
+# ---------------------------------------------------------------------------------------- crash safety
+
+
+def _fsync_recorder(monkeypatch):
+    """Record the path of every fsync'd descriptor."""
+    import os
+
+    synced = set()
+    real = os.fsync
+
+    def fsync(fd):
+        synced.add(os.path.realpath(os.readlink(f"/proc/self/fd/{fd}")))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def _files_under(root):
+    import os
+
+    out = set()
+    for d, _, files in os.walk(root):
+        out.add(os.path.realpath(d))
+        out.update(os.path.realpath(os.path.join(d, f)) for f in files)
+    return out
+
+
+def test_resave_fsyncs_every_file_before_publishing_and_never_lacks_the_step(tmp_path, monkeypatch):
+    import gdpo.checkpoint as ck
+
+    engine = _engine()
+    _train(engine, 1)
+    first = save_checkpoint(tmp_path, 2, engine=engine, data_state={"position": 1})
+    synced = _fsync_recorder(monkeypatch)
+    seen = []
+    real_exchange, real_rename = ck._exchange, ck.os.rename
+
+    def check_before_publish(src, dst):
+        # at the moment the new copy is published, every file and directory of it is on disk, and the
+        # step's name still points at a complete checkpoint
+        assert _files_under(src) <= synced, sorted(_files_under(src) - synced)[:3]
+        assert (first / STATE_FILE).is_file()
+        seen.append((Path(src).name, Path(dst).name))
+
+    def exchange(a, b):
+        check_before_publish(a, b)
+        return real_exchange(a, b)
+
+    monkeypatch.setattr(ck, "_exchange", exchange)
+    _train(engine, 1)
+    again = save_checkpoint(tmp_path, 2, engine=engine, data_state={"position": 2})
+    assert seen == [(".tmp-step_00000002", "step_00000002")]
+    assert json.loads((again / STATE_FILE).read_text())["data_state"] == {"position": 2}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002"]
+    assert real_rename is ck.os.rename
+
+
+@pytest.mark.parametrize("kill_after", [1, 2])
+def test_resave_killed_between_renames_keeps_a_complete_step(tmp_path, monkeypatch, kill_after):
+    """Where the filesystem has no RENAME_EXCHANGE: a kill after the first (or second) rename of the swap still
+    leaves step_N complete once recover_checkpoints has run (every save and resume runs it)."""
+    import gdpo.checkpoint as ck
+
+    root = tmp_path / "checkpoints"
+    final = root / "step_00000004"
+    final.mkdir(parents=True)
+    (final / STATE_FILE).write_text('{"step": 4, "v": "old"}')
+    tmp = root / ".tmp-step_00000004"
+    tmp.mkdir()
+    (tmp / STATE_FILE).write_text('{"step": 4, "v": "new"}')
+    monkeypatch.setattr(ck, "_exchange", lambda a, b: False)
+    calls = []
+    real = ck.os.rename
+
+    class Killed(BaseException):
+        pass
+
+    def rename(a, b):
+        calls.append(1)
+        real(a, b)
+        if len(calls) == kill_after:
+            raise Killed
+
+    monkeypatch.setattr(ck.os, "rename", rename)
+    with pytest.raises(Killed):
+        ck._commit(tmp, final)
+    monkeypatch.setattr(ck.os, "rename", real)
+    ck.recover_checkpoints(tmp_path)
+    state = json.loads((final / STATE_FILE).read_text())
+    assert state["v"] == ("old" if kill_after == 1 else "new")
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [4]
+
+
+def test_commit_swaps_atomically_where_the_kernel_can(tmp_path):
+    import gdpo.checkpoint as ck
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("new")
+    (b / "x").write_text("old")
+    if not ck._exchange(a, b):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) here")
+    assert (b / "x").read_text() == "new" and (a / "x").read_text() == "old"

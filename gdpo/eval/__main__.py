@@ -159,6 +159,12 @@ def _check_args(a: argparse.Namespace) -> None:
             raise EvalInputError(f"{flag} must be >= {low}, got {value}")
     if a.limit is not None and a.limit < 1:
         raise EvalInputError(f"--limit must be >= 1, got {a.limit}")
+    if a.grader_workers is not None and a.grader_workers < 0:
+        raise EvalInputError(f"--grader-workers must be >= 0 (0 = grade in the main process), got {a.grader_workers}")
+    if not a.grader_timeout > 0:
+        raise EvalInputError(f"--grader-timeout must be > 0 seconds, got {a.grader_timeout}")
+    if a.output_dir:
+        _check_output_dir(Path(a.output_dir))
     if not 0 < a.top_p <= 1 or a.temperature < 0 or a.top_k < 0:
         raise EvalInputError("need 0 < --top-p <= 1, --temperature >= 0, --top-k >= 0")
 
@@ -184,6 +190,16 @@ def _check_tool_args(a: argparse.Namespace, runs) -> bool:
         raise EvalInputError(f"--oracle {a.oracle}: tool-calling benchmarks ({tool[0]}, ...) take --oracle "
                              "ground_truth")
     return True
+
+
+def _check_output_dir(out: Path) -> None:
+    """--output-dir must be (or be creatable as) a directory: not a file, not under a file."""
+    p = out
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        where = "is a file" if p == out else f"is under {p}, which is a file"
+        raise EvalInputError(f"--output-dir: {out} {where}; give a directory")
 
 
 def _fallbacks(text: str | None) -> tuple[str, ...] | None:
@@ -338,6 +354,7 @@ def _main(a: argparse.Namespace) -> int:
     oracle_name = f"oracle-{a.oracle}" + ("-shuffled" if a.oracle_shuffle else "")
     default_name = Path(model_ref).name if model_ref else oracle_name
     out_dir = Path(a.output_dir or Path("runs") / "eval" / default_name)
+    _check_output_dir(out_dir)
     if a.overwrite:
         if world > 1:
             raise EvalInputError("--overwrite with several ranks: delete the output dir once, then launch")
@@ -345,14 +362,13 @@ def _main(a: argparse.Namespace) -> int:
             (out_dir / name).unlink(missing_ok=True)
         for p in out_dir.glob("samples.rank*.jsonl"):
             p.unlink()
-    from gdpo.eval.runner import check_run_config
+    from gdpo.eval.runner import check_run_config, data_fingerprint, write_run_config
 
+    fingerprint["data"] = data_fingerprint(runs)  # the samples belong to these data files (path + sha256)
     check_run_config(out_dir, fingerprint)
     if is_main:
-        import json
-
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / RUN_CONFIG).write_text(json.dumps({"fingerprint": fingerprint}, indent=2) + "\n")
+        write_run_config(out_dir, fingerprint)
 
     # 3. The grader pool is forked before the model loads (no CUDA state, no model memory in the children).
     from gdpo.eval.runner import Grader, ModelSource, OracleSource, format_table, log_wandb, run_eval

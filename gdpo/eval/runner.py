@@ -377,22 +377,62 @@ def _open_append(path: Path):
 
 
 def check_run_config(out_dir: Path, fingerprint: dict) -> None:
-    """Refuse to resume into a directory whose samples were made with different settings."""
-    path = Path(out_dir) / RUN_CONFIG
+    """Resume only into a directory whose samples were made with these settings: refuse (one line) when its
+    ``run_config.json`` differs, is damaged, or is missing next to earlier samples / results."""
+    out_dir = Path(out_dir)
+    path = out_dir / RUN_CONFIG
+    how = "use another --output-dir or --overwrite"
     if not path.exists():
+        earlier = [p.name for p in [out_dir / SAMPLES, out_dir / "results.json", *out_dir.glob("samples.rank*.jsonl")]
+                   if p.is_file()]
+        if earlier:
+            raise EvalInputError(f"output dir {out_dir} holds {', '.join(earlier)} but no {RUN_CONFIG}, so they "
+                                 f"cannot be matched to these settings; {how}")
         return
     try:
-        old = json.loads(path.read_text()).get("fingerprint", {})
-    except ValueError:
-        return
+        old = json.loads(path.read_text(encoding="utf-8"))["fingerprint"]
+        if not isinstance(old, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise EvalInputError(f"output dir {out_dir}: {RUN_CONFIG} is damaged (no readable fingerprint), so its "
+                             f"samples cannot be matched to these settings; {how}") from None
     diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
     if diff:
         key = diff[0]
         raise EvalInputError(
             f"output dir {out_dir} holds samples made with other settings ({key}: {old.get(key)!r} there, "
             f"{fingerprint.get(key)!r} now{', and ' + str(len(diff) - 1) + ' more' if len(diff) > 1 else ''}); "
-            "use another --output-dir or --overwrite"
+            f"{how}"
         )
+
+
+def write_run_config(out_dir: Path, fingerprint: dict) -> None:
+    """Write ``run_config.json`` once (atomically); an existing one was matched by `check_run_config`, so it is
+    never replaced."""
+    path = Path(out_dir) / RUN_CONFIG
+    if path.exists():
+        return
+    tmp = path.with_name(f".{RUN_CONFIG}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"fingerprint": fingerprint}, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def data_fingerprint(runs: Sequence["BenchmarkRun"]) -> dict:
+    """{benchmark: {file, sha256} or {hub}}: the samples belong to exactly these data files."""
+    import hashlib
+
+    out: dict = {}
+    for r in runs:
+        p = Path(r.where)
+        if p.is_file():
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            out[r.benchmark.name] = {"file": str(p.resolve()), "sha256": h.hexdigest()}
+        else:
+            out[r.benchmark.name] = {"hub": r.where}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- the loop

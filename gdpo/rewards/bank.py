@@ -10,6 +10,14 @@ wrong number of values or a non-number gives the reward's `fallback` for that ca
 `errors` / `timeouts`; the first traceback per reward is logged once, and scoring goes on. A hung worker is
 killed and replaced; the pool lives across `score` calls until `close()`.
 
+Workers never outlive the trainer: each runs in its own session (so Ctrl-C reaches only the trainer, which
+closes the pool) with PR_SET_PDEATHSIG=SIGKILL, so a kill -9 / SIGTERM of the trainer kills it at once; and
+each has a tiny guard process in its session that, when the worker dies for any reason, SIGKILLs the
+worker's whole process group (a reward that started `sleep 900` leaves nothing behind). `worker_memory_mb`
+caps a worker's memory growth (soft RLIMIT_AS over its size at start, plus a watch of its private memory);
+a worker over it is replaced and its rows counted in `memory`. NaNs ("does not apply") are counted per
+reward in `nans`, so a 0/0 bug shows as `rewards/<name>/nan_frac`.
+
 Conditioned rewards (the paper's "length counts only when correct") are applied after scoring, in
 dependency order: where the condition's reward is below its threshold, or NaN, the conditioned reward
 becomes 0; a NaN ("does not apply") stays NaN. The condition reads the other reward after its own
@@ -18,7 +26,9 @@ condition, so chains compose (for an unconditioned reward that is its raw value)
 
 from __future__ import annotations
 
+import ctypes
 import importlib
+import inspect
 import logging
 import math
 import multiprocessing as mp
@@ -116,6 +126,35 @@ def resolve_reward_fn(fn: Any, name: str = "?") -> Callable:
     return obj
 
 
+def check_reward_kwargs(fn: Callable, kwargs: Mapping[str, Any], name: str = "?", *, builtin: bool = False) -> None:
+    """ValueError naming each keyword in `kwargs` that `fn` does not take.
+
+    A built-in takes exactly its named keyword parameters (its ``**_`` only swallows dataset columns, so a
+    typo such as ``max_token`` would otherwise fall back to the default silently); a user function with
+    ``**kwargs`` takes anything.
+
+    >>> from gdpo.rewards.lengths import length
+    >>> check_reward_kwargs(length, {"max_token": 20}, "short", builtin=True)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: reward 'short': unknown kwargs ['max_token'] for length; allowed: graded, margin, max_tokens
+    """
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return  # a builtin without a signature (C function): nothing to check against
+    named = [p.name for p in params.values()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in _RESERVED]
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    if open_ended and not builtin:
+        return
+    bad = sorted(k for k in kwargs if k not in named)
+    if bad:
+        label = getattr(fn, "__name__", repr(fn))
+        raise ValueError(f"reward {name!r}: unknown kwargs {bad} for {label}; "
+                         f"allowed: {', '.join(sorted(named)) or 'none'}")
+
+
 @dataclass
 class RewardResult:
     """Rewards of one batch. `matrix[i, k]` is reward `names[k]` of rollout i (NaN: does not apply).
@@ -131,17 +170,20 @@ class RewardResult:
     errors: dict[str, int]
     timeouts: dict[str, int]
     wall_s: float = 0.0
+    nans: dict[str, int] = field(default_factory=dict)  # rollouts whose value is NaN ("does not apply")
+    memory: dict[str, int] = field(default_factory=dict)  # rollouts whose worker went over worker_memory_mb
 
     def column(self, name: str) -> torch.Tensor:
         return self.matrix[:, self.names.index(name)]
 
     def metrics(self) -> dict[str, float]:
-        """Flat logging dict: ``rewards/<name>/{mean,std,errors,timeouts,seconds}`` (mean/std skip NaN).
+        """Flat logging dict: ``rewards/<name>/{mean,std,errors,timeouts,memory_kills,nan_frac,seconds}``
+        (mean/std skip NaN; nan_frac = share of rollouts the reward did not apply to).
 
         >>> m = torch.tensor([[1.0], [0.0], [float("nan")]])
         >>> r = RewardResult(m, ["acc"], [1.0], {"acc": 0.5}, {"acc": 0}, {"acc": 1})
-        >>> [r.metrics()[f"rewards/acc/{k}"] for k in ("mean", "std", "timeouts")]
-        [0.5, 0.5, 1.0]
+        >>> [round(r.metrics()[f"rewards/acc/{k}"], 4) for k in ("mean", "std", "timeouts", "nan_frac")]
+        [0.5, 0.5, 1.0, 0.3333]
         """
         out: dict[str, float] = {}
         for k, name in enumerate(self.names):
@@ -151,13 +193,87 @@ class RewardResult:
             out[f"rewards/{name}/std"] = valid.std(unbiased=False).item() if valid.numel() else float("nan")
             out[f"rewards/{name}/errors"] = float(self.errors.get(name, 0))
             out[f"rewards/{name}/timeouts"] = float(self.timeouts.get(name, 0))
+            out[f"rewards/{name}/memory_kills"] = float(self.memory.get(name, 0))
+            n = col.numel()
+            out[f"rewards/{name}/nan_frac"] = (n - valid.numel()) / n if n else 0.0
             out[f"rewards/{name}/seconds"] = float(self.seconds.get(name, 0.0))
         return out
 
 
-def _worker_main(conn: Any, fn_refs: list) -> None:
-    # Ctrl-C goes to the trainer, which shuts the pool down; workers must not die mid-call on their own.
+PR_SET_PDEATHSIG = 1
+
+
+def _prctl_pdeathsig(sig: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(sig), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                   ctypes.c_ulong(0))
+    except (OSError, AttributeError):  # not Linux: the guard and close() still clean up
+        pass
+
+
+def _start_guard(worker_pid: int) -> None:
+    """Fork the guard: it waits for the worker (its parent) to die, then SIGKILLs the worker's process group,
+    which holds everything the rewards started that did not leave the session on purpose (and the guard)."""
+    pid = os.fork()
+    if pid:
+        return
+    try:
+        os.closerange(3, 65536)  # holds nothing of the worker's: its pipe to the bank sees EOF when it dies
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])  # taken by sigtimedwait, the moment it comes
+        _prctl_pdeathsig(signal.SIGUSR1)
+        while os.getppid() == worker_pid:  # the ppid check covers a death before prctl
+            if signal.sigtimedwait([signal.SIGUSR1], 1.0) is not None:
+                break
+        os.killpg(worker_pid, signal.SIGKILL)
+    finally:
+        os._exit(0)
+
+
+def _private_mb(pid: int) -> float:
+    """Memory only this process holds (pages shared with the trainer it was forked from do not count)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            kb = sum(int(line.split()[1]) for line in f if line.startswith(("Private_Clean", "Private_Dirty")))
+        return kb / 1024
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _vm_size() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def _worker_main(conn: Any, fn_refs: list, parent: int = 0, memory_mb: int = 0,
+                 allow_unsandboxed: bool = False) -> None:
+    # Own session: Ctrl-C goes to the trainer (which shuts the pool down), not to the workers mid-call; and
+    # the session's process group is what the guard and the bank kill.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        os.setsid()
+    except OSError:
+        pass
+    _prctl_pdeathsig(signal.SIGKILL)
+    if parent and os.getppid() != parent:
+        os._exit(0)  # the trainer died before the death signal was armed
+    _start_guard(os.getpid())
+    if memory_mb > 0:
+        import resource
+
+        # Soft limit only (the sandbox launcher may raise it again for its own, smaller, rlimits).
+        soft = _vm_size() + (memory_mb << 20)
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    from gdpo.rewards import sandbox
+
+    sandbox.set_allow_unsandboxed(allow_unsandboxed)
     fns = [resolve_reward_fn(ref) for ref in fn_refs]
     while True:
         try:
@@ -173,6 +289,8 @@ def _worker_main(conn: Any, fn_refs: list) -> None:
             if isinstance(values, (str, bytes, Mapping)):
                 raise TypeError(f"reward returned {type(values).__name__}, expected a list")
             reply = (task_id, "ok", list(values), time.perf_counter() - t0)
+        except MemoryError:
+            reply = (task_id, "memory", traceback.format_exc(), time.perf_counter() - t0)
         except BaseException:  # noqa: BLE001 - SystemExit from a reward is an error too
             reply = (task_id, "error", traceback.format_exc(), time.perf_counter() - t0)
         try:
@@ -182,14 +300,22 @@ def _worker_main(conn: Any, fn_refs: list) -> None:
 
 
 class _Worker:
-    def __init__(self, ctx: Any, fn_refs: list) -> None:
+    def __init__(self, ctx: Any, fn_refs: list, memory_mb: int = 0, allow_unsandboxed: bool = False) -> None:
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child, fn_refs), daemon=True, name="gdpo-reward")
+        # fork / spawn: the worker's parent is this process (a forkserver's workers have the server as parent)
+        parent = os.getpid() if ctx.get_start_method() in ("fork", "spawn") else 0
+        self.proc = ctx.Process(target=_worker_main, args=(child, fn_refs, parent, memory_mb, allow_unsandboxed),
+                                daemon=True, name="gdpo-reward")
         self.proc.start()
         child.close()
         self.task: Optional[tuple] = None  # (task_id, k, start, stop, deadline, t0)
 
     def kill(self) -> None:
+        """SIGKILL the worker's whole process group (the worker, its guard, whatever its rewards started)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError, TypeError):
+            pass  # not yet its own group leader (or already gone): the plain kill below, then the guard
         try:
             self.proc.kill()
             self.proc.join(5)
@@ -238,6 +364,9 @@ class RewardBank:
             attribute (the code rewards do); rows are also spread so that every worker gets work.
         start_method: "fork" (default: workers inherit the imported rewards and any callable, start in
             milliseconds), "forkserver" or "spawn" (rewards must then be importable by reference).
+        worker_memory_mb: cap on each worker's memory growth in MB (0 = off): a worker over it is replaced,
+            and its rows get the fallback and are counted in ``RewardResult.memory``.
+        allow_unsandboxed: let code rewards run programs where the host refuses namespaces.
 
     >>> with RewardBank([RewardSpec("short", "length", kwargs={"max_tokens": 3})], num_workers=1) as bank:
     ...     bank.score(["p", "p"], ["a b", "a b c d"], [2, 4]).matrix.tolist()
@@ -252,6 +381,8 @@ class RewardBank:
         timeout_s: float = 60.0,
         chunk_size: int = 64,
         start_method: str = "fork",
+        worker_memory_mb: int = 0,
+        allow_unsandboxed: bool = False,
     ) -> None:
         if not specs:
             raise ValueError("the reward bank needs at least one reward")
@@ -277,6 +408,8 @@ class RewardBank:
             bad = [k for k in kwargs if k in _RESERVED]
             if bad:
                 raise ValueError(f"reward {name!r}: kwargs may not set {bad}; those are passed by the bank")
+            is_builtin = isinstance(fn, str) and fn.strip() in BUILTINS
+            check_reward_kwargs(self._fns[-1], kwargs, name, builtin=is_builtin)
             try:
                 weight = float(_get(spec, "weight", 1.0))
                 fallback = float(_get(spec, "fallback", 0.0))
@@ -301,6 +434,8 @@ class RewardBank:
         self.num_workers = int(num_workers) if num_workers and num_workers > 0 else cores
         self.timeout_s = float(timeout_s)
         self.chunk_size = max(1, int(chunk_size))
+        self.worker_memory_mb = max(0, int(worker_memory_mb))
+        self.allow_unsandboxed = bool(allow_unsandboxed)
         self._ctx = mp.get_context(start_method)
         self._start_method = start_method
         self._workers: list[_Worker] = []
@@ -361,12 +496,15 @@ class RewardBank:
                             pass
             refs = self._fns if self._start_method == "fork" else self._refs
             self._refs_for_workers = refs
-            self._workers = [_Worker(self._ctx, refs) for _ in range(self.num_workers)]
+            self._workers = [self._new_worker() for _ in range(self.num_workers)]
         return self
+
+    def _new_worker(self) -> _Worker:
+        return _Worker(self._ctx, self._refs_for_workers, self.worker_memory_mb, self.allow_unsandboxed)
 
     def _replace(self, w: _Worker) -> _Worker:
         w.kill()
-        new = _Worker(self._ctx, self._refs_for_workers)
+        new = self._new_worker()
         self._workers[self._workers.index(w)] = new
         return new
 
@@ -378,10 +516,7 @@ class RewardBank:
         deadline = time.monotonic() + 1.0
         for w in workers:
             w.proc.join(max(0.0, deadline - time.monotonic()))
-            if w.proc.is_alive():
-                w.kill()
-            else:
-                w.conn.close()
+            w.kill()  # also when it exited: its guard and anything its rewards left in its group go too
 
     def __enter__(self) -> "RewardBank":
         return self.start()
@@ -436,8 +571,9 @@ class RewardBank:
         seconds = {name: 0.0 for name in self.names}
         errors = {name: 0 for name in self.names}
         timeouts = {name: 0 for name in self.names}
+        memory = {name: 0 for name in self.names}
         if n:
-            self._run(prompts, completions, lengths, columns, raw, seconds, errors, timeouts)
+            self._run(prompts, completions, lengths, columns, raw, seconds, errors, timeouts, memory)
         for k in self._order:
             on, threshold = self.conditions[k]  # type: ignore[misc]
             gate = raw[:, self.names.index(on)]
@@ -452,6 +588,8 @@ class RewardBank:
             errors=errors,
             timeouts=timeouts,
             wall_s=time.perf_counter() - t_start,
+            nans={name: int(np.isnan(raw[:, k]).sum()) for k, name in enumerate(self.names)},
+            memory=memory,
         )
 
     def _tasks(self, n: int) -> deque:
@@ -468,7 +606,7 @@ class RewardBank:
                     tasks.append(p[i])
         return tasks
 
-    def _run(self, prompts, completions, lengths, columns, raw, seconds, errors, timeouts) -> None:
+    def _run(self, prompts, completions, lengths, columns, raw, seconds, errors, timeouts, memory) -> None:
         self.start()
         tasks = self._tasks(len(completions))
         idle = list(self._workers)
@@ -511,6 +649,8 @@ class RewardBank:
                 if not busy:
                     continue
                 wait_s = max(0.0, min(w.task[4] for w in busy) - time.monotonic())  # type: ignore[index]
+                if self.worker_memory_mb:
+                    wait_s = min(wait_s, 0.1)  # poll the workers' memory while they work
                 ready = set(_wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], wait_s))
                 now = time.monotonic()
                 for w in list(busy):
@@ -537,8 +677,18 @@ class RewardBank:
                                 raw[a:b, k] = _to_values(payload, b - a)
                             except ValueError as e:
                                 self._fail(k, a, b, raw, errors, f"bad output: {e}")
+                        elif status == "memory":
+                            self._fail(k, a, b, raw, memory, f"went over worker_memory_mb={self.worker_memory_mb}")
+                            idle.remove(w)
+                            idle.append(self._replace(w))  # its heap is spent: start clean
                         else:
                             self._fail(k, a, b, raw, errors, f"raised an exception:\n{payload}")
+                    elif self.worker_memory_mb and _private_mb(w.proc.pid) > self.worker_memory_mb:
+                        busy.remove(w)
+                        seconds[self.names[k]] += now - t0
+                        what = f"its worker went over worker_memory_mb={self.worker_memory_mb}"
+                        self._fail(k, a, b, raw, memory, what)
+                        idle.append(self._replace(w))
                     elif now >= deadline:
                         busy.remove(w)
                         seconds[self.names[k]] += now - t0

@@ -3,31 +3,37 @@
 The caller starts `_sandbox_launcher.py` with one vfork+exec (never forking its own, possibly huge,
 address space); the launcher builds the process tree
 
-    L (launcher, root)  unshare(pid, net, mount, ipc) namespaces
-      └─ G  PID 1 of the new pid namespace; private /tmp, fresh /proc
-           └─ P  rlimits, drop to a fresh uid, no_new_privs, exec python on the program
+    L (launcher)  unshare(pid, net, mount, ipc) namespaces; as a non-root user also a user namespace
+      └─ G  PID 1 of the new pid namespace; builds a private root and pivots into it; fresh /proc
+           └─ P  rlimits, a fresh uid (root) / no capabilities (user namespace), no_new_privs, exec python
 
-* Limits: RLIMIT_CPU, RLIMIT_AS (memory), RLIMIT_FSIZE, RLIMIT_NPROC, RLIMIT_NOFILE, RLIMIT_CORE=0 on P; the
-  wall clock and the output cap are enforced by the caller, which reads at most `max_output_bytes` of each
-  stream (so printing 1 GB never makes the caller buffer 1 GB) and then stops the run.
+* A private root, as root and as an unprivileged user alike: an empty read-only tmpfs holding only /usr,
+  /lib*, /bin, /sbin and /etc/ld.so.cache (read-only: the interpreter's shared libraries), the interpreter's
+  own prefix (read-only; with `site_packages` also the venv), /dev/{null,zero,full,random,urandom}, a /proc
+  of the pid namespace, and /tmp: a tmpfs of `disk_mb` MB and 4096 inodes, the program's cwd and HOME and
+  the only writable place (/dev/shm points there). The old root is detached, so the project, the data,
+  $HOME, /work... and every file of the trainer's user do not exist for the program, whatever their mode.
+* Limits: RLIMIT_CPU, RLIMIT_AS (memory), RLIMIT_FSIZE (one file; `disk_mb` caps them all), RLIMIT_NPROC,
+  RLIMIT_NOFILE, RLIMIT_CORE=0 on P; the wall clock and the output cap are enforced by the caller, which
+  reads at most `max_output_bytes` of each stream (so printing 1 GB never makes the caller buffer 1 GB) and
+  then stops the run; a program that closes its stdout and stderr is still stopped at the wall clock.
 * Killing is total: to stop a run the caller asks L, which SIGKILLs G (PID 1); the kernel then kills every
   process left in the pid namespace (a fork bomb, a daemonised child, a `setsid` escape) before it reports
   G's death, so when `run_python` returns nothing of the run is left. L and G also carry
   PR_SET_PDEATHSIG=SIGKILL, so a reward worker killed by the bank takes its sandboxes down too.
 * When running as root, P runs as uid/gid ``UID_BASE + pid(L)``: a uid no other process has, so
-  RLIMIT_NPROC (which is per uid and does not bind root) caps exactly this program's processes, nothing
-  under /work is writable, and /proc/<pid>/environ of other processes is unreadable.
+  RLIMIT_NPROC (which is per uid and does not bind root) caps exactly this program's processes.
 * No network: a new network namespace has only a downed loopback, so even 127.0.0.1 is unreachable.
-* World-writable directories (/tmp, /var/tmp, /dev/shm, /run/lock) are bind-mounted onto the run's own
-  temporary directory, which is deleted afterwards; writes anywhere else fail with EACCES/ENOENT. An
-  interpreter under a directory the fresh uid cannot enter (e.g. /root/.pyenv) is bind-mounted into an
-  empty tmpfs over that directory, which also hides the rest of it.
-* The environment is built from scratch (PATH, HOME, LANG and thread-count pins): no parent variable leaks.
+* The environment is built from scratch (PATH, HOME, LANG and thread-count pins): no parent variable leaks;
+  only stdin/stdout/stderr are open in P.
 
-Where the platform refuses namespaces (no CAP_SYS_ADMIN and no unprivileged user namespaces) the run falls
-back to rlimits + a new session killed as a group; then network and pid isolation do NOT hold.  `isolation()`
-reports what holds on this machine.  Not provided: seccomp syscall filtering and a cgroup memory cap for the
-whole tree (memory is bounded by ``memory_mb * max_procs``).
+Where the platform refuses namespaces (no CAP_SYS_ADMIN and no unprivileged user namespaces) a run is
+refused (`setup_error`), unless `allow_unsandboxed` (``rewards.allow_unsandboxed``): then only rlimits, the
+cleared environment, a private uid as root (a root run whose interpreter that uid cannot reach is refused)
+and a session killed as a group hold; no file, network or pid isolation. `isolation()` reports what holds
+on this machine, `sandbox_refusal()` the one line the trainer prints at start. Not provided: seccomp
+syscall filtering and a cgroup memory cap for the whole tree (memory is bounded by ``memory_mb * max_procs``
+plus `disk_mb`).
 """
 
 from __future__ import annotations
@@ -101,6 +107,29 @@ def _needs_exposing(paths: tuple[str, ...]) -> list[tuple[str, str]]:
     return out
 
 
+_ALLOW_UNSANDBOXED = [False]
+
+
+def set_allow_unsandboxed(allow: bool) -> None:
+    """Process-wide default of `run_python(allow_unsandboxed=...)` (the config's ``rewards.allow_unsandboxed``;
+    the reward bank sets it in each worker)."""
+    _ALLOW_UNSANDBOXED[0] = bool(allow)
+
+
+def _interpreter_dirs(exe: str, own: bool, site_packages: bool) -> list[str]:
+    """Directories the interpreter needs inside the private root besides /usr and /lib: its prefix (and a
+    venv's, when site-packages are wanted)."""
+    real = os.path.realpath(exe)
+    dirs = [os.path.dirname(os.path.dirname(real))]
+    if site_packages and os.path.abspath(exe) != real:
+        dirs.append(os.path.dirname(os.path.dirname(os.path.abspath(exe))))
+    if own:
+        dirs.append(sys.base_prefix)
+        if site_packages:
+            dirs.append(sys.prefix)
+    return sorted(set(dirs))
+
+
 def _decode(b: bytes) -> str:
     return b.decode("utf-8", errors="replace")
 
@@ -115,19 +144,23 @@ def run_python(
     cpu_s: float = 5.0,
     memory_mb: int = 512,
     fsize_mb: int = 16,
+    disk_mb: int = 64,
     max_procs: int = 16,
     max_output_bytes: int = 1 << 20,
     python: Optional[str] = None,
     site_packages: bool = False,
     namespaces: bool = True,
+    allow_unsandboxed: Optional[bool] = None,
 ) -> SandboxResult:
     """Run `source` as ``python -I -S main.py *args`` in a fresh sandbox and return what it did.
 
     `files` are extra files written next to main.py. `site_packages=True` drops ``-S`` so the program can
     import the installed packages (numpy...), at ~40 ms more start-up per run; it needs an interpreter outside
     the world-writable directories (a venv under /tmp is hidden in the sandbox: use the default there).
-    `namespaces=False` skips the
-    pid/net/mount namespaces (for comparison; limits and the private uid still apply where possible).
+    `disk_mb` caps everything the program writes (its /tmp is a tmpfs of that size; `fsize_mb` caps one
+    file). `namespaces=False` skips the pid/net/mount namespaces (for comparison; limits and the private uid
+    still apply where possible). Where the host refuses namespaces the run is refused (`setup_error`) unless
+    `allow_unsandboxed` (None = the process-wide setting of `set_allow_unsandboxed`, off by default).
     Never raises for anything the program does.
 
     >>> r = run_python("print(sum(map(int, input().split())))", "2 3\\n")
@@ -170,6 +203,7 @@ def run_python(
             "OPENBLAS_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
         }
+        binds = _interpreter_dirs(exe, python is None, site_packages)
         spec = {
             "caller": os.getpid(),
             "tmpdir": tmpdir,
@@ -181,7 +215,11 @@ def run_python(
             "fsize_mb": int(fsize_mb),
             "max_procs": int(max_procs),
             "namespaces": namespaces,
-            "expose": _needs_exposing((os.path.realpath(exe), sys.base_prefix, sys.prefix)),
+            "allow_unsandboxed": _ALLOW_UNSANDBOXED[0] if allow_unsandboxed is None else bool(allow_unsandboxed),
+            "disk_mb": max(1, int(disk_mb)),
+            "disk_inodes": 4096,
+            "binds": binds,
+            "expose": _needs_exposing((os.path.realpath(exe), *binds)),
         }
         try:
             # No preexec_fn, so CPython spawns with vfork: no copy of this process's page tables.
@@ -201,6 +239,12 @@ def run_python(
             os.close(fd)
             fds.remove(fd)
         out, err, timed_out, truncated = _collect(out_r, err_r, t0 + wall_s, max_output_bytes)
+        if not (timed_out or truncated):
+            # Both streams closed, but the program may have closed them itself and still be running.
+            try:
+                launcher.wait(timeout=max(0.0, t0 + wall_s - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                timed_out = True
         if timed_out or truncated:
             _stop(launcher)
         launcher.wait()
@@ -291,7 +335,7 @@ def isolation() -> dict:
         "    net = e.errno not in (101, 99)\n"  # ENETUNREACH / EADDRNOTAVAIL: no usable loopback
         "print(os.getuid(), os.getpid(), int(net))\n"
     )
-    r = run_python(probe, wall_s=20, cpu_s=10)
+    r = run_python(probe, wall_s=20, cpu_s=10, allow_unsandboxed=True)
     try:
         uid, pid, net = (int(x) for x in r.stdout.split())
     except ValueError:
@@ -301,3 +345,29 @@ def isolation() -> dict:
     return {"namespaces": ns, "network": bool(net), "pid_namespace": pid <= 3, "private_uid": uid >= UID_BASE}
 
 
+
+
+def _sysctl(name: str) -> Optional[str]:
+    try:
+        with open("/proc/sys/" + name.replace(".", "/")) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def sandbox_refusal() -> Optional[str]:
+    """None where generated code can run isolated; else one line saying why not and how to allow it."""
+    iso = isolation()
+    if iso["namespaces"] != "none":
+        return None
+    knobs = []
+    for name, good in (("user.max_user_namespaces", "15000"), ("kernel.unprivileged_userns_clone", "1"),
+                       ("kernel.apparmor_restrict_unprivileged_userns", "0")):
+        value = _sysctl(name)
+        if value is not None and value != good and not (name == "user.max_user_namespaces" and value != "0"):
+            knobs.append(f"sysctl -w {name}={good} (now {value})")
+    how = "; ".join(knobs) or "run as root, or in a container that allows unshare(CLONE_NEWUSER) (e.g. docker " \
+                               "--security-opt seccomp=unconfined)"
+    err = str(iso.get("error", "")).strip().splitlines()
+    return (f"this host refuses the namespaces the sandbox needs ({err[-1][:160] if err else 'unshare failed'}); "
+            f"allow them: {how}; or set rewards.allow_unsandboxed=true to run it with rlimits only")

@@ -248,7 +248,10 @@ def test_metrics_ignore_nan():
     m = res.metrics()
     assert m["rewards/s/mean"] == pytest.approx(0.5)
     assert m["rewards/s/std"] == pytest.approx(math.sqrt(((0.5) ** 2 + 0.5**2 + 0) / 3))
-    assert set(m) == {f"rewards/s/{k}" for k in ("mean", "std", "errors", "timeouts", "seconds")}
+    assert res.nans == {"s": 1}
+    assert m["rewards/s/nan_frac"] == 0.25
+    assert set(m) == {f"rewards/s/{k}"
+                      for k in ("mean", "std", "errors", "timeouts", "memory_kills", "nan_frac", "seconds")}
 
 
 def test_hostile_inputs_through_every_non_code_builtin():
@@ -280,3 +283,17 @@ def test_hostile_inputs_through_every_non_code_builtin():
     assert torch.isfinite(res.matrix).all()
     assert res.column("correct").tolist() == [0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
     assert res.column("tool").tolist() == [-3.0] * n
+
+
+def test_unknown_kwargs_are_refused_at_start():
+    # a built-in's **_ only swallows dataset columns: a typo would silently fall back to the default
+    with pytest.raises(ValueError, match=r"reward 'short': unknown kwargs \['max_token'\] for length; allowed: "):
+        RewardBank([RewardSpec("short", "length", kwargs={"max_token": 20})], num_workers=1)
+
+    def strict(prompts, completions, *, completion_lengths=None, scale=1.0):
+        return [scale] * len(completions)
+
+    with pytest.raises(ValueError, match=r"unknown kwargs \['scal'\] for strict; allowed: scale"):
+        RewardBank([RewardSpec("s", strict, kwargs={"scal": 2})], num_workers=1)
+    with RewardBank([RewardSpec("s", strict, kwargs={"scale": 2})], num_workers=1) as bank:
+        assert bank.score(["p"], ["a"]).matrix.tolist() == [[2.0]]
