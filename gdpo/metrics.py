@@ -155,6 +155,7 @@ def step_metrics(
         m.max(f"rewards/{name}/seconds", sb.reward_seconds.get(name, 0.0))
         m.sum(f"rewards/{name}/errors", sb.reward_errors.get(name, 0))
         m.sum(f"rewards/{name}/timeouts", sb.reward_timeouts.get(name, 0))
+        m.sum(f"rewards/{name}/memory_kills", sb.reward_memory_kills.get(name, 0))
         m.mean_of(f"rewards/{name}/nan_frac", torch.isnan(rewards[:, k]).double())
     w = torch.tensor(list(weights), dtype=rewards.dtype)
     m.mean_of("rewards/weighted_sum/mean", (torch.nan_to_num(rewards) * w).sum(1))

@@ -33,6 +33,7 @@ class StepBatch:
     reward_seconds: dict[str, float] = field(default_factory=dict)  # per reward, summed over rounds
     reward_errors: dict[str, int] = field(default_factory=dict)  # per reward: rollouts that got the fallback
     reward_timeouts: dict[str, int] = field(default_factory=dict)
+    reward_memory_kills: dict[str, int] = field(default_factory=dict)  # rollouts whose worker exceeded its cap
     rollout_stats: dict[str, float] = field(default_factory=dict)  # the engine's timings over all rounds
 
     @property
@@ -106,6 +107,7 @@ def _generate_and_score(engine: RolloutEngine, bank: Scorer, pb: PromptBatch, g:
         out.reward_seconds[name] = out.reward_seconds.get(name, 0.0) + res.seconds.get(name, 0.0)
         out.reward_errors[name] = out.reward_errors.get(name, 0) + res.errors.get(name, 0)
         out.reward_timeouts[name] = out.reward_timeouts.get(name, 0) + res.timeouts.get(name, 0)
+        out.reward_memory_kills[name] = out.reward_memory_kills.get(name, 0) + res.memory.get(name, 0)
     return _Round(rb, res.matrix, prompts)
 
 

@@ -83,22 +83,22 @@ def resolve_demo(cfg: Config, run_dir: Path) -> tuple[str, str, str | None]:
 
 def load_models(cfg: Config, model_path: str, device: torch.device):
     """(tokenizer, policy, reference or None)."""
-    from gdpo.policy.model import load_causal_lm, load_reference_model, load_tokenizer, resolve_dtype
+    from gdpo.policy.model import load_causal_lm, load_reference_model, resolve_dtype
+    from gdpo.preflight import check_tokenizer
 
     mc = cfg.model
     if not (Path(model_path).exists() or "/" in model_path):
         raise ConfigError(f"model.name_or_path: {model_path!r} is neither a local directory nor a hub id")
-    try:
-        tokenizer = load_tokenizer(mc.tokenizer or model_path, trust_remote_code=mc.trust_remote_code)
-    except OSError as e:
-        raise ConfigError(f"model.tokenizer: cannot load {mc.tokenizer or model_path!r} ({e})") from None
+    key = "model.tokenizer" if mc.tokenizer else "model.name_or_path"
+    tokenizer = check_tokenizer(mc.tokenizer or model_path, key, trust_remote_code=mc.trust_remote_code)
     kwargs = dict(dtype=resolve_dtype(mc.dtype), device=device, attn_implementation=mc.attn_implementation,
                   trust_remote_code=mc.trust_remote_code)
     try:
         model = load_causal_lm(model_path, gradient_checkpointing=mc.gradient_checkpointing, **kwargs)
         ref_model = load_reference_model(mc.ref_name_or_path or model_path, beta=cfg.loss.beta, **kwargs)
-    except OSError as e:
-        raise ConfigError(f"model.name_or_path: cannot load {model_path!r} ({e})") from None
+    except Exception as e:  # noqa: BLE001 - any loading failure is one line naming the key
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"model.name_or_path: cannot load {model_path!r} ({type(e).__name__}: {first})") from None
     return tokenizer, model, ref_model
 
 
@@ -118,11 +118,27 @@ def load_data(cfg: Config, data_path: str, system_prompt: str | None, tokenizer)
         raise ConfigError(f"data.path: {data_path!r}: {e}") from None
 
 
-def resume(cfg: Config, run_dir: Path, engine, order: PromptIterator, rollout: RolloutEngine) -> int:
-    """Load ``checkpoint.resume`` (if any) into the engine and the data order; returns the step it ended."""
+def claim_run_dir(cfg: Config, run_dir: Path) -> Path | None:
+    """Refuse a run directory that holds another run (or move it aside with train.overwrite), write this run's
+    config fingerprint; returns the checkpoint to resume (None: start fresh). Rank 0 decides, the others follow."""
+    from gdpo.checkpoint import RunDirError, prepare_run_dir
+
+    kw = dict(config=to_dict(cfg), resume=cfg.checkpoint.resume, overwrite=cfg.train.overwrite)
+    try:
+        if dist.is_main():
+            path = prepare_run_dir(run_dir, **kw)
+        dist.barrier()
+        if not dist.is_main():
+            path = prepare_run_dir(run_dir, **kw, dry_run=True, log=lambda _msg: None)
+    except RunDirError as e:
+        raise ConfigError(str(e)) from None
+    return path
+
+
+def resume(path: Path | None, engine, order: PromptIterator, rollout: RolloutEngine) -> int:
+    """Load the checkpoint ``path`` (if any) into the engine and the data order; returns the step it ended."""
     from gdpo import checkpoint as ckpt
 
-    path = ckpt.resolve_resume(cfg.checkpoint.resume, run_dir)
     if path is None:
         return 0
     state = ckpt.load_checkpoint(path, engine=engine)
@@ -137,10 +153,12 @@ def setup(cfg: Config) -> TrainContext:
     """Processes, seeds, batch plan, models, data, reward bank, engines, resume and logger, in that order."""
     from gdpo.rollout.factory import rollout_engine_from_config
 
+    from gdpo.preflight import preflight
+
+    preflight(cfg)  # every check that needs no weights, on every rank (no side effects): the same verdict
     info = dist.init_distributed()
     run_dir = Path(cfg.train.run_dir)
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = claim_run_dir(cfg, run_dir)
     seed_everything(cfg.train.seed)  # the same on every rank: identical initial weights and data order
     plan = plan_batches(prompts_per_step=cfg.rollout.prompts_per_step, group_size=cfg.rollout.group_size,
                         world_size=info.world_size, minibatch_size=cfg.loss.minibatch_size,
@@ -163,7 +181,7 @@ def setup(cfg: Config) -> TrainContext:
             return_logprobs=cfg.rollout.backend != "hf" and cfg.loss.is_correction)
     except ValueError as e:
         raise ConfigError(f"rollout.backend: {e}") from None
-    start_step = resume(cfg, run_dir, engine, order, rollout)
+    start_step = resume(resume_from, engine, order, rollout)
     logger = RunLogger.from_config(cfg.logging, run_dir, active=dist.is_main(), total_steps=cfg.train.steps,
                                    start_step=start_step, config=to_dict(cfg), reward_names=bank.names)
     if info.rank > 0:

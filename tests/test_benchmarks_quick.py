@@ -39,6 +39,23 @@ def test_vs_trl_benchmark_quick():
     assert "command: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vs_trl.py --quick" in out
 
 
+def test_vs_trl_natural_workload_quick():
+    """EOS stopping in both frameworks on a model whose EOS logit was calibrated: ragged lengths, the histogram."""
+    pytest.importorskip("trl")
+    p = subprocess.run([sys.executable, "benchmarks/vs_trl.py", "--quick", "--workload", "natural"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    out = p.stdout
+    assert "natural workload: completion lengths of 16 sampled rows (cap 24)" in out
+    assert sum(line.startswith("  ") and "-" in line for line in out.splitlines()) == 8  # histogram bins
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()[:1] in (["gdpo"], ["trl"])}
+    for fw, cells in rows.items():
+        tokens = float(cells[-1])
+        assert 0 < tokens < 24, (fw, cells)  # rows end on EOS, not at the cap
+    ratio = [line for line in out.splitlines() if line.startswith("ratio gdpo / TRL: step ")]
+    assert len(ratio) == 1 and "natural workload, goal <= 0.45" in ratio[0]
+
+
 def test_step_floor_benchmark_quick():
     p = subprocess.run(
         [sys.executable, "benchmarks/step_floor.py", "--quick", "--gdpo-trl-ratio", "0.5"], cwd=ROOT,
@@ -64,3 +81,24 @@ def test_step_floor_benchmark_quick():
     floor = totals["floor (GEMMs only, all else free)"]
     assert 0 < float(floor[1]) < 1 and float(floor[2]) == pytest.approx(float(floor[1]) * 0.5, abs=0.011)
     assert "command: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_floor.py --quick" in out
+
+
+def test_gpu_step_benchmark_quick(tmp_path):
+    """The bf16 GPU step script (benchmarks/gpu_check.sh part 3) runs end to end at tiny sizes on CPU."""
+    out = tmp_path / "rows.json"
+    p = subprocess.run([sys.executable, "benchmarks/gpu_step.py", "--quick", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    rows = {r["variant"]: r for r in __import__("json").loads(out.read_text())}
+    assert set(rows) == {"fixed", "token_budget"}
+    for r in rows.values():
+        assert r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["completion_tokens"] > 0
+    assert "command: python benchmarks/gpu_step.py --quick" in p.stdout
+
+
+def test_microbatch_memory_benchmark_quick():
+    p = subprocess.run([sys.executable, "benchmarks/microbatch_memory.py", "--quick"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    rows = [line for line in p.stdout.splitlines() if line.startswith(("fixed micro-batches", "token budget"))]
+    assert len(rows) == 4 and all(float(r.split()[-1]) > 0 for r in rows), p.stdout

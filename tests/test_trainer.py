@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gdpo.checkpoint import FINGERPRINT_FILE
 from gdpo.config import load_config
 from gdpo.testing import tiny_model, tiny_tokenizer
 
@@ -85,6 +86,7 @@ def test_resume_equals_uninterrupted(tiny_dir, tmp_path):
     import shutil
 
     shutil.copytree(straight / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
+    shutil.copy(straight / FINGERPRINT_FILE, resumed / FINGERPRINT_FILE)  # the run's identity: auto resumes it
     code = (
         "import sys; from gdpo.config import load_config; from gdpo.trainer import train; "
         f"train(load_config({str(ROOT / 'configs/tiny_gdpo.yaml')!r}, sys.argv[1:]))"

@@ -445,7 +445,8 @@ class RewardBank:
     @classmethod
     def from_config(cls, cfg) -> "RewardBank":
         """A bank from the ``rewards`` config section (gdpo.config.RewardsConfig)."""
-        return cls(cfg.functions, num_workers=cfg.num_workers, timeout_s=cfg.timeout_s)
+        return cls(cfg.functions, num_workers=cfg.num_workers, timeout_s=cfg.timeout_s,
+                   worker_memory_mb=cfg.worker_memory_mb, allow_unsandboxed=cfg.allow_unsandboxed)
 
     def _condition_order(self) -> list[int]:
         """Indices of conditioned rewards, each after the reward it depends on; ValueError on a bad graph."""
