@@ -74,3 +74,21 @@ def tiny_model(vocab_size: int = 259, *, seed: int = 0, tokenizer=None, num_hidd
         model.generation_config.eos_token_id = eos_id
         model.generation_config.pad_token_id = pad_id
     return model.eval()
+
+
+def save_model_with_extra_eos(path, prompt_ids: list[int], *, seed: int = 0) -> int:
+    """Save a tiny Qwen2 + its tokenizer to `path` whose generation_config.json lists, after the tokenizer's EOS,
+    a second EOS id the tokenizer does not know as EOS (as Qwen2.5-Instruct's lists 151645 and 151643): the
+    token greedy decoding picks first after `prompt_ids`. Returns that id; a backend that honours the
+    generation config stops every greedy row of that prompt after one token."""
+    tok = tiny_tokenizer()
+    model = tiny_model(tokenizer=tok, seed=seed)
+    with torch.no_grad():
+        top = model(input_ids=torch.tensor([prompt_ids])).logits[0, -1].topk(2)
+    extra = int(top.indices[0])
+    if extra == tok.eos_token_id or float(top.values[0] - top.values[1]) < 0.5:
+        raise ValueError("pick another prompt or seed: the greedy first token is EOS or not clear-cut")
+    model.generation_config.eos_token_id = [tok.eos_token_id, extra]
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return extra
