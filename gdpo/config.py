@@ -88,6 +88,9 @@ class DataConfig:
     on_bad_row: Literal["skip", "error"] = "skip"
     """Bad rows (missing field, wrong type, empty or too-long prompt, a line that is not UTF-8 or not JSON): skip
     and count them (the first ones are named with their line numbers), or fail at start."""
+    where: dict[str, Any] = field(default_factory=dict)
+    """Keep only the rows whose fields equal these values, e.g. {split: train} for a file holding every split
+    (dotted paths; all must match). Rows left out are not bad rows. Empty = every row."""
     shuffle: bool = True
     """Shuffle the prompts every epoch (seeded by ``train.seed`` and the epoch)."""
     max_samples: Optional[int] = rng(None, 1)

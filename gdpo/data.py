@@ -104,6 +104,18 @@ def read_rows(source: str | os.PathLike, *, split: str = "train", subset: str | 
     return ds.to_list()
 
 
+def select_rows(rows: Sequence[Any], where: Mapping[str, Any] | None) -> list[Any]:
+    """The rows whose fields equal `where`'s values (`data.where`); unreadable lines and non-dict rows are kept,
+    so that they are still counted as bad rows.
+
+    >>> select_rows([{"split": "train", "x": 1}, {"split": "test"}, {"x": 2}], {"split": "train"})
+    [{'split': 'train', 'x': 1}]
+    """
+    if not where:
+        return list(rows)
+    return [r for r in rows if not isinstance(r, dict) or all(get_field(r, k) == v for k, v in where.items())]
+
+
 def get_field(row: Any, path: str, default: Any = _MISSING) -> Any:
     """row["a"]["b"] for path "a.b"; a digit part indexes a list. `default` (or _MISSING) when absent."""
     cur = row
@@ -479,10 +491,12 @@ def load_prompt_dataset(
     split: str = "train",
     subset: str | None = None,
     limit: int | None = None,
+    where: Mapping[str, Any] | None = None,
     **kwargs,
 ) -> PromptDataset:
-    """`read_rows` + `build_prompt_dataset` (kwargs as there). limit: keep the first `limit` rows."""
-    rows = read_rows(source, split=split, subset=subset)
+    """`read_rows` + `select_rows(where)` + `build_prompt_dataset` (kwargs as there). limit: keep the first
+    `limit` rows (after `where`)."""
+    rows = select_rows(read_rows(source, split=split, subset=subset), where)
     if limit is not None:
         rows = rows[:limit]
     return build_prompt_dataset(rows, tokenizer, **kwargs)
