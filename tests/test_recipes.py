@@ -170,3 +170,16 @@ def test_train_py_dry_run_flag(tmp_path):
     p = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny_gdpo.yaml", "--dry-run",
                         "rewards.functions.1.fn=nope"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "unknown fn 'nope'" in p.stderr
+
+
+def test_dry_run_checks_prompts_against_the_models_context(capsys):
+    """The demo model's context is 512 tokens: max_new_tokens 512 leaves no room; 500 leaves 12, fewer than any
+    demo prompt has, so every row is a bad row (never a truncated prompt)."""
+    rc, _ = _dry("tiny_gdpo", ["rollout.max_new_tokens=512"])
+    _one_line_error(capsys, rc, "rollout.max_new_tokens: 512 leaves no room for a prompt in the model's context of 512")
+    rc, _ = _dry("tiny_gdpo", ["rollout.max_new_tokens=500"])
+    _one_line_error(capsys, rc, "no valid prompts", "prompt_exceeds_context", "+ rollout.max_new_tokens 500 > the "
+                    "model's context 512")
+    rc, lines = _dry("tiny_gdpo", ["rollout.max_new_tokens=485"])  # 27 tokens left: the shorter prompts fit
+    assert rc == 0 and any("prompt_exceeds_context" in ln for ln in lines if ln.startswith("data: "))
+    assert any("context: 512 tokens (the demo model)" in ln for ln in lines)
