@@ -158,7 +158,8 @@ def test_unknown_benchmark_is_one_line_exit_2():
     proc = _cli("--model", "x", "--benchmarks", "aime2024", timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("error: unknown benchmark 'aime2024' (did you mean 'aime24'?); known: aime24, "
-                                   "aime25, amc23, amc, math500, minerva, olympiad, gsm8k, mbpp, humaneval, or name=file.jsonl")
+                                   "aime25, amc23, amc, math500, minerva, olympiad, gsm8k, mbpp, humaneval, "
+                                   "or name=file.jsonl")
 
 
 @pytest.mark.parametrize(
