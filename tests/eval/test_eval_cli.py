@@ -232,7 +232,7 @@ def test_local_files_load_with_every_accepted_answer():
 
     counts = {name: len(load_problems(b, DATA)) for name, b in BENCHMARKS.items()}
     assert counts == {"aime24": 30, "aime25": 30, "amc23": 40, "amc": 83, "math500": 500, "minerva": 272,
-                      "olympiad": 675, "gsm8k": 1319}
+                      "olympiad": 675, "gsm8k": 1319, "mbpp": 500, "humaneval": 164}
     minerva = {p.id: p.references for p in load_problems(BENCHMARKS["minerva"], DATA)}
     rows = [json.loads(line) for line in open(DATA / "minerva.jsonl")]
     assert all(minerva[r["id"]] == tuple(dict.fromkeys(r["answers"])) for r in rows)
