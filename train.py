@@ -2,6 +2,7 @@
 
     python train.py --config configs/tiny_gdpo.yaml [key=value ...]
     deepspeed train.py --config configs/math_gdpo.yaml
+    python train.py --config configs/math_gdpo.yaml --dry-run   # no GPU, no weights: plan + first prompt
 """
 
 import sys

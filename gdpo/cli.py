@@ -2,6 +2,7 @@
 
     gdpo-train --config configs/tiny_gdpo.yaml [key=value ...]
     deepspeed train.py --config configs/math_gdpo.yaml
+    python train.py --config configs/math_gdpo.yaml --dry-run   # no GPU, no weights: plan + first prompt
 
 A config mistake prints one line and exits with code 2. The loop itself lives in gdpo/trainer.py.
 """
@@ -20,6 +21,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--config", help="YAML config file (omit for all defaults)")
     p.add_argument("--help-config", action="store_true", help="list every config key with its type and meaning")
     p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.add_argument("--dry-run", action="store_true", help="check everything that needs no GPU and no weights "
+                   "(rewards, tokenizer, data, batch plan, resume path), print the plan and the first prompt, exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if a.startswith("-")]
@@ -51,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"config OK: {args.config or '(defaults)'}")
         return 0
+    if args.dry_run:
+        from gdpo.dryrun import dry_run
+
+        return dry_run(cfg)
     from gdpo.trainer import train
 
     try:

@@ -75,15 +75,25 @@ class DataConfig:
     columns: dict[str, str] = field(default_factory=dict)
     """Extra columns passed to rewards: {column name: field path}, e.g. {ground_truth: reward_model.ground_truth}."""
     system_prompt: Optional[str] = None
-    """System message prepended when the chat template is used."""
+    """System message: a system turn under the chat template, else the text before a blank line and the prompt.
+    A template like ``prompt_template`` (``{instruction}`` takes the row's field; ``{{``/``}}`` = literal braces).
+    A message-list prompt that already has a system turn keeps its own."""
     prompt_template: Optional[str] = None
-    """Raw template with ``{prompt}`` (and any other field) placeholders; when set, the chat template is not used."""
+    """User message built from the row, filled before the chat template: ``{prompt}`` = the prompt field, ``{name}``
+    = any field (dotted paths), ``{{`` and ``}}`` = literal braces (YAML ``"\\\\boxed{{}}"`` reaches the model
+    as ``\\boxed{}``). A placeholder no row has fails at start. None = the prompt field as is."""
     use_chat_template: bool = True
-    """Format prompts with the tokenizer's chat template (with the generation prompt)."""
+    """Wrap the (templated) prompt in the tokenizer's chat template with the generation prompt; independent of
+    ``prompt_template``. ``python train.py --config X --dry-run`` prints the exact first prompt."""
     max_prompt_tokens: int = rng(1024, 1)
-    """Prompts longer than this many tokens are malformed (skipped or fatal per ``on_bad_row``)."""
+    """Prompts longer than this many tokens (or than the model's context minus ``rollout.max_new_tokens``) are bad
+    rows (skipped or fatal per ``on_bad_row``), never truncated."""
     on_bad_row: Literal["skip", "error"] = "skip"
-    """Malformed rows (missing field, wrong type, empty or too-long prompt): skip and count, or fail at start."""
+    """Bad rows (missing field, wrong type, empty or too-long prompt, a line that is not UTF-8 or not JSON): skip
+    and count them (the first ones are named with their line numbers), or fail at start."""
+    where: dict[str, Any] = field(default_factory=dict)
+    """Keep only the rows whose fields equal these values, e.g. {split: train} for a file holding every split
+    (dotted paths; all must match). Rows left out are not bad rows. Empty = every row."""
     shuffle: bool = True
     """Shuffle the prompts every epoch (seeded by ``train.seed`` and the epoch)."""
     max_samples: Optional[int] = rng(None, 1)

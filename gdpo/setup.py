@@ -102,20 +102,29 @@ def load_models(cfg: Config, model_path: str, device: torch.device):
     return tokenizer, model, ref_model
 
 
-def load_data(cfg: Config, data_path: str, system_prompt: str | None, tokenizer) -> PromptDataset:
+def load_data(cfg: Config, data_path: str, system_prompt: str | None, tokenizer,
+              context_length: int | None) -> PromptDataset:
+    """The prompts, rendered exactly as the model sees them (gdpo.data.render_prompt: the template filled first,
+    then the chat template); a prompt that does not fit the context with max_new_tokens is a bad row."""
     from gdpo.data import load_prompt_dataset
 
     dc = cfg.data
     try:
-        return load_prompt_dataset(
-            data_path, tokenizer, split=dc.split, limit=dc.max_samples, prompt_field=dc.prompt_field,
+        dataset = load_prompt_dataset(
+            data_path, tokenizer, split=dc.split, limit=dc.max_samples, where=dc.where, prompt_field=dc.prompt_field,
             answer_field=dc.answer_field, extra_fields=dc.columns, system_prompt=system_prompt,
-            prompt_template=dc.prompt_template or "{prompt}",
-            use_chat_template=dc.use_chat_template and not dc.prompt_template,
-            max_prompt_tokens=dc.max_prompt_tokens, on_error=dc.on_bad_row,
+            prompt_template=dc.prompt_template, use_chat_template=dc.use_chat_template,
+            max_prompt_tokens=dc.max_prompt_tokens, context_length=context_length,
+            max_new_tokens=cfg.rollout.max_new_tokens, on_error=dc.on_bad_row,
         )
+    except ConfigError:
+        raise
     except (ValueError, OSError) as e:
-        raise ConfigError(f"data.path: {data_path!r}: {e}") from None
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith("data.") else f"data.path: {data_path!r}: {msg}") from None
+    if dataset.skipped and dist.is_main():
+        print("gdpo: " + dataset.skipped_summary(), flush=True)
+    return dataset
 
 
 def claim_run_dir(cfg: Config, run_dir: Path) -> Path | None:
@@ -166,7 +175,8 @@ def setup(cfg: Config) -> TrainContext:
                         max_tokens_per_micro_batch=cfg.loss.max_tokens_per_micro_batch)
     model_path, data_path, system_prompt = resolve_demo(cfg, run_dir)
     tokenizer, model, ref_model = load_models(cfg, model_path, info.device)
-    dataset = load_data(cfg, data_path, system_prompt, tokenizer)
+    dataset = load_data(cfg, data_path, system_prompt, tokenizer,
+                        getattr(model.config, "max_position_embeddings", None))
     order = PromptIterator(len(dataset), cfg.rollout.prompts_per_step, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
     try:
         bank = RewardBank.from_config(cfg.rewards)

@@ -140,3 +140,50 @@ class FakePrompts:
         self.start += self.per_call
         return PromptBatch(indices=ids, prompt_ids=[[i + 1] for i in ids], prompt_texts=[f"q{i + 1}" for i in ids],
                            answers=[None] * len(ids), extras={})
+
+
+def save_model_with_extra_eos(path, prompt_ids: list[int], *, seed: int = 0) -> int:
+    """Save a tiny Qwen2 + its tokenizer to `path` whose generation_config.json lists, after the tokenizer's EOS,
+    a second EOS id the tokenizer does not know as EOS (as Qwen2.5-Instruct's lists 151645 and 151643): the
+    token greedy decoding picks first after `prompt_ids`. Returns that id; a backend that honours the
+    generation config stops every greedy row of that prompt after one token."""
+    tok = tiny_tokenizer()
+    model = tiny_model(tokenizer=tok, seed=seed)
+    with torch.no_grad():
+        top = model(input_ids=torch.tensor([prompt_ids])).logits[0, -1].topk(2)
+    extra = int(top.indices[0])
+    if extra == tok.eos_token_id or float(top.values[0] - top.values[1]) < 0.5:
+        raise ValueError("pick another prompt or seed: the greedy first token is EOS or not clear-cut")
+    model.generation_config.eos_token_id = [tok.eos_token_id, extra]
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return extra
+
+
+# A few hundred common words, so that word_tokenizer's ids vary a little (everything else is <unk>).
+_WORDS = ("the a an of to and in is it that for on with as be by this are or your you can if at from not all "
+          "answer final step think reasoning output format integer number python code function write test tool "
+          "call user assistant system problem solution return def assert print true false none let's within boxed")
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer that counts tokens like a real BPE on English text (about one per word or punctuation run),
+    with Qwen2's chat template and specials (<|endoftext|> pad, <|im_start|>, <|im_end|> EOS): words outside a
+    small vocabulary are <unk>. For tests that check prompt lengths against real limits (data.max_prompt_tokens)
+    where the byte-level `tiny_tokenizer` would make every prompt ~4x too long. It does not round-trip text."""
+    vocab = {"<unk>": 0}
+    for w in _WORDS.split():
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (PAD, IM_START, EOS)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token=PAD,
+        eos_token=EOS,
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+        model_max_length=1_000_000,
+    )

@@ -1,6 +1,7 @@
 """Prompt data: field mapping, templates, malformed rows, file formats, real datasets, seeded iteration."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from gdpo.data import (
 from gdpo.testing import tiny_tokenizer
 
 TOK = tiny_tokenizer()
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+SHARED = Path(os.environ.get("GDPO_SHARED_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
 
 
 def _ids(text, special=False):
@@ -41,7 +42,7 @@ def test_chat_template_with_system_prompt_and_template():
         answer_field="n",
         extra_fields={"gt": "meta.gt"},
         system_prompt="Be brief.",
-        prompt_template="Q: {prompt} {json: 1}",
+        prompt_template="Q: {prompt} {{json: 1}}",
     )
     ex = ds[0]
     expected = (
@@ -106,7 +107,7 @@ def test_malformed_rows_skipped_and_counted():
 
 def test_malformed_rows_fail_at_start_when_asked():
     with pytest.raises(ValueError, match="missing_prompt"):
-        build_prompt_dataset(MALFORMED, TOK, answer_field="answer", on_error="raise")
+        build_prompt_dataset(MALFORMED, TOK, answer_field="answer", on_error="error")
     with pytest.raises(ValueError, match="no valid prompts"):
         build_prompt_dataset([{"prompt": ""}], TOK)
     with pytest.raises(ValueError, match="chat template"):
@@ -199,3 +200,110 @@ def test_iterator_no_shuffle_and_num_epochs():
 def test_unreachable_hub_id_fails_at_start():
     with pytest.raises(ValueError, match="could not load dataset"):
         read_rows("no-such-org/no-such-dataset")  # HF_HUB_OFFLINE=1 in tests
+
+
+# ----------------------------------------------------------------------------- the renderer (issue 19)
+
+
+def test_template_braces_and_chat_template_both_apply():
+    """Before: a template turned the chat template off and `\\boxed{{}}` reached the model with doubled braces."""
+    from gdpo.config import yaml_load
+
+    yaml_text = 't: "{prompt} Let\'s think step by step and output the final answer within \\\\boxed{{}}."'
+    template = yaml_load(yaml_text)["t"]
+    assert template == "{prompt} Let's think step by step and output the final answer within \\boxed{{}}."
+    ds = build_prompt_dataset([{"problem": "1+1?"}], TOK, prompt_field="problem", prompt_template=template,
+                              use_chat_template=True)
+    assert ds[0].prompt_text == (
+        "<|im_start|>user\n1+1? Let's think step by step and output the final answer within \\boxed{}.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    raw = build_prompt_dataset([{"problem": "1+1?"}], TOK, prompt_field="problem", prompt_template=template,
+                               use_chat_template=False, system_prompt="S")
+    assert raw[0].prompt_text == "S\n\n1+1? Let's think step by step and output the final answer within \\boxed{}."
+
+
+def test_template_reads_any_column_and_system_prompt_template():
+    rows = [{"input": "call it", "instruction": "tools: {a}", "meta": {"level": 3}}]
+    ds = build_prompt_dataset(rows, TOK, prompt_field="input", system_prompt="{instruction}",
+                              prompt_template="[L{meta.level:02d}] {input} / {prompt!r}")
+    assert ds[0].prompt_text == (
+        "<|im_start|>system\ntools: {a}<|im_end|>\n<|im_start|>user\n[L03] call it / 'call it'<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_template_naming_a_missing_column_fails_at_start_naming_it():
+    rows = [{"problem": "a", "answer": "1"}, {"problem": "b", "answer": "2"}]
+    with pytest.raises(ValueError, match=r"\{problme\}.*fields are: answer, problem"):
+        build_prompt_dataset(rows, TOK, prompt_field="problem", prompt_template="{problme}")
+    with pytest.raises(ValueError, match="data.system_prompt"):
+        build_prompt_dataset(rows, TOK, prompt_field="problem", system_prompt="{nope}")
+    with pytest.raises(ValueError, match="write literal braces as"):
+        build_prompt_dataset(rows, TOK, prompt_field="problem", prompt_template="{prompt} \\boxed{}")
+    # a column that only some rows lack: those rows are bad rows
+    ds = build_prompt_dataset(rows + [{"problem": "c", "answer": "3", "hint": "h"}, {"problem": "d"}], TOK,
+                              prompt_field="problem", prompt_template="{prompt} ({hint})")
+    assert [e.prompt_text for e in ds.examples] == [
+        "<|im_start|>user\nc (h)<|im_end|>\n<|im_start|>assistant\n"
+    ]
+    assert ds.skipped == {"missing_hint": 3}
+
+
+def test_template_on_message_prompts_is_refused():
+    msgs = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ValueError, match="messages_with_prompt_template"):
+        build_prompt_dataset([{"prompt": msgs}], TOK, prompt_template="Q: {prompt}")
+
+
+# -------------------------------------------------------------------------------- bad input (issue 13)
+
+
+def test_non_utf8_line_is_one_bad_row_with_its_line_number(tmp_path, capsys):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n\n{"prompt": "b"}\n')
+    ds = load_prompt_dataset(p, TOK)
+    assert [e.prompt_text.split("\n")[1] for e in ds.examples] == ["a<|im_end|>", "b<|im_end|>"]
+    assert ds.skipped == {"not_utf8": 1} and ds.num_rows == 3
+    assert ds.first_bad == ["line 2: not_utf8 (byte 0xe9 at column 16 is not UTF-8)"]
+    assert "line 2: not_utf8" in ds.skipped_summary()
+    with pytest.raises(ValueError, match="line 2: not_utf8"):
+        load_prompt_dataset(p, TOK, on_error="error")
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\n{"prompt": "b"}\n')
+    ds = load_prompt_dataset(p, TOK)
+    assert len(ds) == 2 and ds.skipped == {}
+    q = tmp_path / "d.json"
+    q.write_bytes(b'\xef\xbb\xbf[{"prompt": "a"}]')
+    assert len(load_prompt_dataset(q, TOK)) == 1
+
+
+def test_prompt_longer_than_the_context_is_skipped_or_refused_never_truncated():
+    rows = [{"prompt": "x" * 10}, {"prompt": "y" * 40}]
+    # the chat wrapper adds 19 tokens: prompts are 29 and 59 tokens; context 64 - 16 new tokens = 48
+    ds = build_prompt_dataset(rows, TOK, max_prompt_tokens=1000, context_length=64, max_new_tokens=16)
+    assert [len(e.prompt_ids) for e in ds.examples] == [29]
+    assert ds.skipped == {"prompt_exceeds_context": 1}
+    assert "59 tokens + rollout.max_new_tokens 16 > the model's context 64" in ds.first_bad[0]
+    with pytest.raises(ValueError, match="prompt_exceeds_context"):
+        build_prompt_dataset(rows, TOK, context_length=64, max_new_tokens=16, on_error="error")
+    with pytest.raises(ValueError, match="leaves no room"):
+        build_prompt_dataset(rows, TOK, context_length=64, max_new_tokens=64)
+
+
+def test_on_bad_row_words_match_the_config():
+    """Before: the config allowed skip|error and data.py wanted skip|raise, so `error` never worked."""
+    import typing
+
+    from gdpo.config import DataConfig, load_config
+    from gdpo.data import ON_ERROR
+
+    assert typing.get_args(typing.get_type_hints(DataConfig)["on_bad_row"]) == ON_ERROR == ("skip", "error")
+    cfg = load_config(None, ["data.on_bad_row=error"])
+    with pytest.raises(ValueError, match="1 bad rows .*missing_prompt"):
+        build_prompt_dataset([{"prompt": "ok"}, {"q": "no prompt"}], TOK, on_error=cfg.data.on_bad_row)
+    with pytest.raises(ValueError, match="on_bad_row must be one of"):
+        build_prompt_dataset([{"prompt": "ok"}], TOK, on_error="raise")

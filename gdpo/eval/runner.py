@@ -31,8 +31,9 @@ from typing import Any, Callable, Protocol, Sequence
 from gdpo.eval.benchmarks import Benchmark, EvalInputError, Problem, is_tool_task
 from gdpo.eval.metrics import ProblemGrades, cluster_answers, summarize
 
-# DeepSeek-R1's recommended math prompt (no system prompt), used by DeepScaleR and the paper's evaluations.
-DEFAULT_PROMPT_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
+# DeepSeek-R1's recommended math prompt (no system prompt), used by DeepScaleR and the paper's evaluations. A
+# template of gdpo.data.render_prompt: {problem} = the problem, {{ }} = literal braces.
+DEFAULT_PROMPT_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 SAMPLES = "samples.jsonl"
 RESULTS = "results.json"
 RUN_CONFIG = "run_config.json"
@@ -60,16 +61,20 @@ class CompletionSource(Protocol):
         ...
 
 
-def render_prompt(problem: str, template: str, system_prompt: str | None, tokenizer, use_chat_template: bool) -> str:
-    """The prompt text: `template` with {problem} filled in (str.replace, so the template's other braces, e.g.
-    ``\\boxed{}``, stay as they are), as one user turn through the chat template when `use_chat_template`."""
-    user = template.replace("{problem}", problem)
-    if not use_chat_template:
-        return (system_prompt + "\n\n" + user) if system_prompt else user
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": user}
-    ]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def render_prompt(problem: str, template: str, system_prompt: str | None, tokenizer, use_chat_template: bool,
+                  row: dict | None = None) -> str:
+    """The prompt text, by the renderer training uses (`gdpo.data.render_prompt`): `template` filled first
+    ({problem} / {prompt} = the problem, {name} = the row's field `name`, {{ }} = literal braces), then the chat
+    template when `use_chat_template`."""
+    from gdpo.data import render_prompt as render
+
+    try:
+        return render(tokenizer, prompt=problem, row=row or {}, prompt_field="problem", prompt_template=template,
+                      system_prompt=system_prompt, use_chat_template=use_chat_template)
+    except KeyError as e:
+        raise EvalInputError(f"--prompt-template {template!r}: the problem has no field {e.args[0]!r}") from None
+    except ValueError as e:
+        raise EvalInputError(str(e).replace("data.prompt_template", "--prompt-template")) from None
 
 
 class ModelSource:
@@ -78,25 +83,32 @@ class ModelSource:
     length_unit = "tokens"
 
     def __init__(self, engine, tokenizer, *, prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
-                 system_prompt: str | None = None, use_chat_template: bool = True, tool_prompt: str = "toolrl"):
+                 system_prompt: str | None = None, use_chat_template: bool = True,
+                 benchmark_templates: dict[str, str] | None = None, tool_prompt: str = "toolrl"):
+        """benchmark_templates: a benchmark's own template (code benchmarks), used for its problems instead of
+        `prompt_template`. tool_prompt: the tool-calling problems' format, "toolrl" or "chat"."""
         self.engine = engine
         self.tool_prompt = tool_prompt  # tool-calling problems: "toolrl" or "chat" (gdpo.eval.toolcall)
         self.tokenizer = tokenizer
         self.prompt_template = prompt_template
         self.system_prompt = system_prompt
         self.use_chat_template = use_chat_template
+        self.benchmark_templates = dict(benchmark_templates or {})
+        self._template = prompt_template
 
     def prepare(self, benchmark: str, problems: Sequence[Problem]) -> None:
-        pass
+        self._template = self.benchmark_templates.get(benchmark, self.prompt_template)
 
-    def prompt_text(self, problem: Problem) -> str:
+    def prompt_text(self, problem: Problem, benchmark: str | None = None) -> str:
         if is_tool_task(problem.task):
             from gdpo.eval.toolcall import tool_prompt_text
 
             return tool_prompt_text(problem.task, problem.row, self.tokenizer, self.tool_prompt,
                                     self.use_chat_template)
-        return render_prompt(problem.problem, self.prompt_template, self.system_prompt, self.tokenizer,
-                             self.use_chat_template)
+        template = self._template if benchmark is None else self.benchmark_templates.get(benchmark,
+                                                                                        self.prompt_template)
+        return render_prompt(problem.problem, template, self.system_prompt, self.tokenizer,
+                             self.use_chat_template, row=dict(problem.row))
 
     def prompt_ids(self, problem: Problem) -> list[int]:
         # A rendered chat template already holds any BOS it wants; raw text gets the tokenizer's specials.
@@ -216,8 +228,23 @@ def grade_samples(
     return extracted, correct, cluster_answers(extracted, same)
 
 
+def grade_code_samples(tests: dict, texts: Sequence[str], timeout_s: float) -> tuple[list, list[bool], list[int],
+                                                                                      list[dict]]:
+    """(extracted, correct, clusters, extras) for the n samples of one code problem: correct = every test passes
+    (code_pass == 1), extras {"bug": ...}: the program or a test raised something other than AssertionError
+    (code_bug == 0). No answer is extracted (None) and there are no answer clusters (-1): maj@k does not apply."""
+    from gdpo.rewards.code import _row_asserts, extract_code, run_asserts
+
+    cases, setup = _row_asserts({k: [v] for k, v in tests.items()}, 0)
+    limits = {"wall_s": max(6.0, timeout_s), "cpu_s": 4.0, "memory_mb": 512}  # code_pass's defaults
+    status = [run_asserts(extract_code(str(t)), cases, setup, limits) for t in texts]  # one run per sample
+    n = len(texts)
+    return [None] * n, [all(x == "pass" for x in st) for st in status], [-1] * n, [{"bug": "error" in st}
+                                                                                    for st in status]
+
+
 def _grade_job(job: tuple) -> tuple:
-    if callable(job[0]):  # (grading function, *its arguments): tool calling, see gdpo.eval.toolcall
+    if callable(job[0]):  # (grading function, *its arguments): code and tool calling
         return job[0](*job[1:])
     return grade_samples(*job)
 
@@ -250,9 +277,9 @@ class Grader:
 
             self._pool = mp.get_context("fork").Pool(workers, initializer=_ignore_sigint)
 
-    def submit(self, jobs: list[tuple[Sequence[str], Sequence[str], Sequence[str]]]):
+    def submit(self, jobs: list[tuple]):
         """A handle whose .get() is [(extracted, correct, clusters[, extras])] per job; a job is (references,
-        texts, fallbacks) for math, or (function, *arguments) graded by that function."""
+        texts, fallbacks) for math, or (function, *arguments) graded by that function (code, tool calling)."""
         full = [job if callable(job[0]) else (*job, self.timeout_s) for job in jobs]
         if self._pool is None:
             return _Done([_grade_job(j) for j in full])
@@ -448,11 +475,15 @@ class BenchmarkRun:
     tool_prompt: str = "toolrl"  # tool-calling benchmarks: the prompt format the responses are parsed in
 
 
-def _grading_job(run: BenchmarkRun, p: Problem, texts: list[str]) -> tuple:
+def _grading_job(run: BenchmarkRun, p: Problem, texts: list[str], timeout_s: float) -> tuple:
     if is_tool_task(p.task):
         from gdpo.eval.toolcall import grade_tool_samples
 
         return (grade_tool_samples, p.task, p.row, texts, run.tool_prompt)
+    if p.task == "code":
+        from gdpo.eval.benchmarks import code_tests
+
+        return (grade_code_samples, code_tests(p), texts, timeout_s)
     return (p.references, texts, run.fallbacks)
 
 
@@ -517,7 +548,7 @@ def run_eval(
         graded = handle.get()
         for i, (p, g) in enumerate(zip(batch, graded)):
             extracted, correct, clusters = g[:3]
-            extras = g[3] if len(g) > 3 else None  # per-sample extra fields (tool calling: format_ok, error)
+            extras = g[3] if len(g) > 3 else None  # per-sample extra fields (code: bug; tool calling: format_ok...)
             for j in range(k):
                 r = i * k + j
                 f.write(json.dumps({
@@ -548,7 +579,8 @@ def run_eval(
                 n = len(batch) * k
                 if not (len(comps.texts) == len(comps.lengths) == len(comps.truncated) == n):
                     raise RuntimeError(f"completion source returned {len(comps.texts)} completions for {n}")
-                jobs = [_grading_job(run, p, comps.texts[i * k : (i + 1) * k]) for i, p in enumerate(batch)]
+                jobs = [_grading_job(run, p, comps.texts[i * k : (i + 1) * k], grader.timeout_s)
+                        for i, p in enumerate(batch)]
                 handle = grader.submit(jobs)  # graded while the next batch generates
                 if pending is not None:
                     flush(pending)
@@ -610,6 +642,10 @@ def compute_results(
                 truncated=[bool(r["truncated"]) for r in rs],
             ))
         m = summarize(grades, pass_ks=pass_ks, maj_ks=maj_ks, exceed_length=exceed_length)
+        if run.benchmark.task == "code":  # no answers to vote on; the bug ratio instead
+            m = {key: v for key, v in m.items() if not key.startswith("maj@") and key != "no_answer_rate"}
+            bugs = [bool(rows[(name, p.id, j)].get("bug", False)) for p in run.problems for j in range(k)]
+            m["bug_ratio"] = sum(bugs) / len(bugs)
         benches[name] = {"description": run.benchmark.description, "data": run.where, **m}
     out = {**meta, "k": k, "length_unit": length_unit, "exceed_length": exceed_length, "benchmarks": benches}
     if any(is_tool_task(r.benchmark.task) for r in runs):  # tool calling: accuracy, format-correct, group summaries
@@ -630,13 +666,15 @@ def format_table(results: dict) -> str:
     L = results["exceed_length"]
     maj = f"maj@{k}"
     head = ["benchmark", "problems", f"avg@{k}", f"pass@{k}", maj, f"exceed>{L}", "mean_len", "max_len", "trunc"]
+    bugs = any("bug_ratio" in m for m in results["benchmarks"].values())  # code benchmarks
+    head += ["bug"] if bugs else []
     body = []
     for name, m in results["benchmarks"].items():
         body.append([
             name, str(m["num_problems"]), _pct(m[f"avg@{k}"]), _pct(m[f"pass@{k}"]),
             _pct(m[maj]) if maj in m else "-", _pct(m["exceed_ratio"]), f"{m['mean_length']:.1f}",
             str(m["max_length"]), _pct(m["truncation_rate"]),
-        ])
+        ] + ([_pct(m["bug_ratio"]) if "bug_ratio" in m else "-"] if bugs else []))
     widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
     fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     lines = [fmt(head)] + [fmt(r) for r in body]

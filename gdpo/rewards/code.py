@@ -1,12 +1,21 @@
 """Code rewards: run the completion's program against test cases in the sandbox (see sandbox.py).
 
-Test cases come from the `tests` column (the APPS/TACO `input_output` column is read too). Per row, either
-a dict ``{"inputs": [...], "outputs": [...], "fn_name": optional}`` (or its JSON string) or a list of
-``{"input": ..., "output": ...}`` dicts. Without `fn_name` the cases are stdin/stdout: the input is fed on
-stdin and stdout must match the output (trailing whitespace and blank lines ignored, numbers compared
-with a 1e-6 tolerance). With `fn_name` the cases are call-based: each input is the argument list of
-``fn_name(*args)`` (a top-level function, or a method of a `Solution` class) and the return value must
-equal the output.
+Three test formats, by column:
+- assert-style (MBPP): `test_list`, a list of ``assert ...`` statements, with optional `test_setup_code` run
+  first; the `tests` column may also hold such a list. Each assert is one case.
+- a check function (HumanEval): `test`, source defining ``check(candidate)``, and `entry_point`, the function
+  name; ``check(entry_point)`` is one case.
+- input/output (APPS/TACO): the `tests` column (the `input_output` column is read too). Per row, either a dict
+  ``{"inputs": [...], "outputs": [...], "fn_name": optional}`` (or its JSON string) or a list of
+  ``{"input": ..., "output": ...}`` dicts. Without `fn_name` the cases are stdin/stdout: the input is fed on
+  stdin and stdout must match the output (trailing whitespace and blank lines ignored, numbers compared with a
+  1e-6 tolerance). With `fn_name` the cases are call-based: each input is the argument list of
+  ``fn_name(*args)`` (a top-level function, or a method of a `Solution` class) and the return value must
+  equal the output.
+
+For assert-style and check-function tests the program, the setup and every case run in one sandboxed process
+(one start-up per completion); a case that fails its assert fails, a case (or the program) that raises any
+other exception is also a bug for `code_bug`.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from typing import Any, Optional
 
 from gdpo.rewards.sandbox import run_python
 
-__all__ = ["code_pass", "code_bug", "extract_code", "parse_tests"]
+__all__ = ["code_pass", "code_bug", "extract_code", "parse_tests", "run_asserts"]
 
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
@@ -44,6 +53,41 @@ if _fn is None:
 _out = _fn(*_spec["args"])
 sys.stdout.flush()
 sys.stdout.write("\n" + _spec["nonce"] + json.dumps(_out, default=repr) + "\n")
+"""
+
+
+# Assert-style harness: the program, then the setup, then each case, in one process. One result line per case
+# (after the nonce the program cannot know): "pass", "fail" (AssertionError) or "error" (any other exception).
+_ASSERT_HARNESS = r"""
+import json, os, sys
+_spec = json.loads(sys.stdin.read())
+_fd = os.open(os.devnull, os.O_RDONLY)
+os.dup2(_fd, 0)
+os.close(_fd)
+sys.stdin = open(0, closefd=False)
+_nonce = _spec["nonce"]
+def _report(i, status):
+    sys.stdout.flush()
+    sys.stdout.write("\n" + _nonce + json.dumps([i, status]) + "\n")
+    sys.stdout.flush()
+with open("solution.py", encoding="utf-8", errors="replace") as _f:
+    _src = _f.read()
+_ns = {"__name__": "__main__", "__builtins__": __builtins__}
+try:
+    exec(compile(_src, "solution.py", "exec"), _ns)
+    if _spec["setup"]:
+        exec(compile(_spec["setup"], "setup.py", "exec"), _ns)
+except BaseException:
+    _report(-1, "error")
+    raise SystemExit(0)
+for _i, _case in enumerate(_spec["cases"]):
+    try:
+        exec(compile(_case, "test_%d.py" % _i, "exec"), _ns)
+        _report(_i, "pass")
+    except AssertionError:
+        _report(_i, "fail")
+    except BaseException:
+        _report(_i, "error")
 """
 
 
@@ -148,6 +192,42 @@ def _case_passes(got: Any, out: Any, fn_name: Optional[str]) -> bool:
     return _values_equal(got, out) or (isinstance(out, list) and len(out) == 1 and _values_equal(got, out[0]))
 
 
+def _row_asserts(columns: dict, i: int) -> tuple[list[str], str] | None:
+    """(cases, setup) for assert-style (MBPP) or check-function (HumanEval) tests of row i, else None."""
+    test_list = columns.get("test_list")
+    if test_list is not None and test_list[i] is not None:
+        setup = columns.get("test_setup_code")
+        return [str(t) for t in test_list[i]], str(setup[i] or "") if setup is not None else ""
+    test, entry = columns.get("test"), columns.get("entry_point")
+    if test is not None and entry is not None and test[i] and entry[i]:
+        return [f"check({entry[i]})"], str(test[i])
+    tests = columns.get("tests")
+    if tests is not None and isinstance(tests[i], (list, tuple)) and tests[i] and all(
+        isinstance(t, str) and t.lstrip().startswith("assert") for t in tests[i]
+    ):
+        return [str(t) for t in tests[i]], ""
+    return None
+
+
+def run_asserts(program: str, cases: list[str], setup: str, limits: dict) -> list[str]:
+    """Per case "pass" / "fail" / "error" (a case never reached, e.g. after a timeout, is "error")."""
+    nonce = secrets.token_hex(16)
+    spec = json.dumps({"setup": setup, "cases": cases, "nonce": nonce})
+    r = run_python(_ASSERT_HARNESS, spec, files={"solution.py": program}, **limits)
+    status = ["error"] * len(cases)
+    for line in r.stdout.splitlines():
+        if line.startswith(nonce):
+            try:
+                i, st = json.loads(line[len(nonce):])
+            except ValueError:
+                continue
+            if i == -1:
+                return ["error"] * len(cases)
+            if isinstance(i, int) and 0 <= i < len(cases) and st in ("pass", "fail", "error"):
+                status[i] = st
+    return status
+
+
 def _row_tests(columns: dict, i: int) -> Any:
     for key in ("tests", "input_output"):
         col = columns.get(key)
@@ -179,10 +259,22 @@ def code_pass(
     >>> calls = [{"inputs": [[1, 2]], "outputs": [3], "fn_name": "add"}]
     >>> code_pass([""], ["def add(a, b):\\n    return a + b"], tests=calls)
     [1.0]
+    >>> asserts = [["assert add(1, 2) == 3", "assert add(2, 2) == 4"]]
+    >>> code_pass([""], ["def add(a, b):\\n    return 3"], test_list=asserts)
+    [0.5]
     """
     limits = {"wall_s": wall_s, "cpu_s": cpu_s, "memory_mb": memory_mb}
     out: list[Optional[float]] = []
     for i, completion in enumerate(completions):
+        asserts = _row_asserts(columns, i)
+        if asserts is not None:
+            cases, setup = asserts
+            if not cases:
+                out.append(None)
+                continue
+            status = run_asserts(extract_code(str(completion)), cases[:max_cases], setup, limits)
+            out.append(status.count("pass") / len(status))
+            continue
         raw = _row_tests(columns, i)
         if raw is None:
             out.append(None)
@@ -218,7 +310,8 @@ def code_bug(
     **columns: Any,
 ) -> list[float]:
     """1 if the extracted program runs (on the first test input, else on empty stdin) without a syntax or
-    runtime error, else 0. A run killed by a limit counts as an error.
+    runtime error, else 0. A run killed by a limit counts as an error. With assert-style / check-function tests
+    the program runs every case: an AssertionError is not a bug, any other exception is.
 
     >>> code_bug(["", ""], ["print(1)", "print(1/0)"])
     [1.0, 0.0]
@@ -226,6 +319,11 @@ def code_bug(
     limits = {"wall_s": wall_s, "cpu_s": cpu_s, "memory_mb": memory_mb}
     out: list[float] = []
     for i, completion in enumerate(completions):
+        asserts = _row_asserts(columns, i)
+        if asserts is not None:  # a failed assert is a wrong answer; any other exception (or a limit) is a bug
+            status = run_asserts(extract_code(str(completion)), asserts[0], asserts[1], limits)
+            out.append(0.0 if "error" in status else 1.0)
+            continue
         inp: Any = ""
         fn = None
         raw = _row_tests(columns, i)

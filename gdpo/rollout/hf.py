@@ -41,7 +41,7 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from gdpo.rollout.fast_decode import FastDecoder, unsupported_reason
-from gdpo.rollout.types import RolloutBatch, SamplingParams, timing_stats
+from gdpo.rollout.types import RolloutBatch, SamplingParams, stop_token_ids, timing_stats
 
 
 class _StopTracker:
@@ -264,10 +264,9 @@ class HFRolloutEngine:
         self.compact_finished = compact_finished
         # EOS ids: the tokenizer's, the checkpoint's generation_config ones (Qwen2.5-Instruct ends turns
         # with <|im_end|> but also lists <|endoftext|>), and any configured stop ids.
-        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        gen_eos = [] if gen_eos is None else ([gen_eos] if isinstance(gen_eos, int) else list(gen_eos))
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        self.eos_ids = tuple(dict.fromkeys(eos + gen_eos + list(sampling.stop_token_ids)))
+        # (types.stop_token_ids: the vLLM backend stops on the same set).
+        self.eos_ids = tuple(stop_token_ids(tokenizer, getattr(model, "generation_config", None),
+                                            sampling.stop_token_ids))
         if not self.eos_ids:
             raise ValueError("need an EOS: the tokenizer has no eos_token_id and stop_token_ids is empty")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]

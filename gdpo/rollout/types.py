@@ -24,6 +24,27 @@ def timing_stats(seconds: float, lengths: torch.Tensor) -> dict[str, float]:
     }
 
 
+def stop_token_ids(tokenizer, generation_config=None, extra: Sequence[int] = ()) -> list[int]:
+    """The token ids that end a completion, the same set for every backend: the tokenizer's EOS, then the
+    checkpoint's ``generation_config.eos_token_id`` (an int or a list: Qwen2.5-Instruct's lists 151645
+    <|im_end|> and 151643 <|endoftext|>, and its tokenizer's EOS is only the first), then `extra` (the
+    configured stop ids); duplicates dropped, order kept.
+
+    >>> tok = type("Tok", (), {"eos_token_id": 151645})()
+    >>> stop_token_ids(tok, type("Gen", (), {"eos_token_id": [151645, 151643]})(), extra=(7,))
+    [151645, 151643, 7]
+    """
+    ids: list[int] = []
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None:
+        ids.append(int(eos))
+    gen = getattr(generation_config, "eos_token_id", None)
+    if gen is not None:
+        ids.extend(int(i) for i in ([gen] if isinstance(gen, int) else gen))
+    ids.extend(int(i) for i in extra)
+    return list(dict.fromkeys(ids))
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How completions are drawn; the same fields map onto `generate` (hf) and vLLM's SamplingParams."""
@@ -34,7 +55,7 @@ class SamplingParams:
     top_p: float = 1.0  # 1 = off
     top_k: int = 0  # 0 = off
     stop_strings: tuple[str, ...] = ()  # generation of a row ends once its text ends with one of these
-    stop_token_ids: tuple[int, ...] = ()  # extra ids that end a completion, besides the tokenizer's EOS
+    stop_token_ids: tuple[int, ...] = ()  # extra ids that end a completion, besides the EOS ids (see stop_token_ids)
     return_logprobs: bool = False  # keep the log-prob of each sampled token under the sampling distribution
 
     def __post_init__(self):

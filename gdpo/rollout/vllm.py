@@ -10,8 +10,9 @@ Design notes
   conditions on are exactly the ones the trainer scores.
 - Sampling = temperature -> top-k -> top-p over the raw logits; `generation_config="vllm"` keeps the
   checkpoint's own defaults (repetition penalty, top_k=20, ...) out, as the hf backend does. EOS is
-  ours: `ignore_eos=True` plus `stop_token_ids = tokenizer EOS + sampling.stop_token_ids`, so vLLM stops
-  on exactly the ids the hf backend stops on (not on extra ids from generation_config.json).
+  ours: `ignore_eos=True` plus `stop_token_ids = types.stop_token_ids(...)` (the tokenizer's EOS, the
+  checkpoint's generation_config.json EOS ids, sampling.stop_token_ids), exactly the ids the hf backend stops
+  on (Qwen2.5-Instruct's generation config adds <|endoftext|> to the tokenizer's <|im_end|>).
 - Sampling log-probs: `logprobs=0` returns the sampled token's log-prob; `logprobs_mode=
   "processed_logprobs"` makes it the log-prob under the distribution actually sampled from (after
   temperature / top-k / top-p), which is what the truncated importance weight exp(old - sampling)
@@ -49,7 +50,7 @@ import torch
 
 from gdpo import distributed as gd
 from gdpo.rollout.hf import _left_pad
-from gdpo.rollout.types import RolloutBatch, SamplingParams, timing_stats
+from gdpo.rollout.types import RolloutBatch, SamplingParams, stop_token_ids, timing_stats
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # Wrapper prefixes that appear in a trainer's parameter names but not in a checkpoint.
@@ -178,6 +179,20 @@ def vllm_import_error() -> str | None:
     return None
 
 
+def _generation_config(model: torch.nn.Module | None, model_path: str):
+    """The trainer model's generation config, else the checkpoint's generation_config.json (eval passes no
+    model), else None."""
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        return gen
+    try:
+        from transformers import GenerationConfig
+
+        return GenerationConfig.from_pretrained(str(model_path))
+    except Exception:  # noqa: BLE001 - no generation_config.json (or an offline hub id): tokenizer EOS only
+        return None
+
+
 class VLLMRolloutEngine:
     """`RolloutEngine` on a colocated `vllm.LLM`; see the module docstring for the design."""
 
@@ -214,6 +229,7 @@ class VLLMRolloutEngine:
         self.sampling = sampling  # may be replaced between generate calls; read on every call
         self.sync_chunk_mb = sync_chunk_mb
         self.sync_timeout_s = float(sync_timeout_s)
+        self.generation_config = _generation_config(model, model_path)  # its EOS ids end completions too
         if not self.eos_ids:
             raise ValueError("need an EOS: the tokenizer has no eos_token_id and stop_token_ids is empty")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
@@ -292,9 +308,8 @@ class VLLMRolloutEngine:
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
-        """Ids that end a completion: the tokenizer's EOS, then sampling.stop_token_ids."""
-        eos = self.tokenizer.eos_token_id
-        return tuple(dict.fromkeys(([eos] if eos is not None else []) + list(self.sampling.stop_token_ids)))
+        """Ids that end a completion (`types.stop_token_ids`, the same set as the hf backend's)."""
+        return tuple(stop_token_ids(self.tokenizer, self.generation_config, self.sampling.stop_token_ids))
 
     # ------------------------------------------------------------------ sleep / wake (GPU)
     def _sleep(self) -> None:

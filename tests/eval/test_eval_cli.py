@@ -160,7 +160,8 @@ def test_unknown_benchmark_is_one_line_exit_2():
     err = proc.stderr.strip()
     assert err.startswith("error: unknown benchmark 'aime2024' (did you mean 'aime24'?); known: aime24, aime25, "
                           "amc23, amc, math500, minerva, olympiad, gsm8k, ")
-    assert ", bfcl_simple, " in err and "groups: bfcl_nonlive, bfcl_live, bfcl, apibank, " in err
+    assert ", mbpp, humaneval, " in err and ", bfcl_simple, " in err
+    assert "groups: bfcl_nonlive, bfcl_live, bfcl, apibank, " in err
     assert err.endswith(", or name=file.jsonl") and "\n" not in err
 
 
@@ -234,7 +235,7 @@ def test_local_files_load_with_every_accepted_answer():
 
     counts = {name: len(load_problems(b, DATA)) for name, b in BENCHMARKS.items() if b.task == "math"}
     assert counts == {"aime24": 30, "aime25": 30, "amc23": 40, "amc": 83, "math500": 500, "minerva": 272,
-                      "olympiad": 675, "gsm8k": 1319}
+                      "olympiad": 675, "gsm8k": 1319, "mbpp": 500, "humaneval": 164}
     minerva = {p.id: p.references for p in load_problems(BENCHMARKS["minerva"], DATA)}
     rows = [json.loads(line) for line in open(DATA / "minerva.jsonl")]
     assert all(minerva[r["id"]] == tuple(dict.fromkeys(r["answers"])) for r in rows)

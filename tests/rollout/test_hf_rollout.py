@@ -245,3 +245,21 @@ def test_generation_under_zero3_gathers_weights():
     got = via_engine.generate(_prompts(), n=2)
     assert torch.equal(expected.completion_ids, got.completion_ids)
     assert next(engine.module.parameters()).numel() == 0  # partitioned again afterwards
+
+
+def test_stops_on_generation_config_eos_the_tokenizer_lacks(tmp_path):
+    """The stop set is types.stop_token_ids (shared with the vLLM backend): tokenizer EOS + generation config."""
+    from gdpo.policy.model import load_causal_lm
+    from gdpo.rollout.types import stop_token_ids
+    from gdpo.testing import save_model_with_extra_eos
+
+    prompt = _prompts()[1]
+    extra = save_model_with_extra_eos(tmp_path, prompt)
+    model = load_causal_lm(str(tmp_path))
+    assert stop_token_ids(TOK, model.generation_config) == [TOK.eos_token_id, extra]
+    for fast in (True, False):
+        engine = _engine(model, max_new_tokens=8, temperature=0.0, fast_decode=fast)
+        assert engine.eos_ids == (TOK.eos_token_id, extra)
+        batch = engine.generate([prompt], n=2)
+        assert batch.completion_ids[:, 0].tolist() == [extra, extra]
+        assert batch.completion_lengths.tolist() == [1, 1] and batch.truncated.tolist() == [False, False]
