@@ -57,7 +57,8 @@ class ModelConfig:
     """Attention kernel passed to ``from_pretrained``: eager, sdpa, flash_attention_2, flash_attention_3 or
     flex_attention; None = the transformers default."""
     logprob_chunk_size: int = rng(1024, 1)
-    """Sequence positions per chunk when computing per-token log-probs (bounds the [B, T, V] float32 memory)."""
+    """Sequence positions per chunk when computing per-token log-probs (bounds the [B, T, V] float32 memory).
+    With rollout.top_p < 1 each chunk is also sorted over V (about 3x more memory): halve it if memory is tight."""
 
 
 @dataclass

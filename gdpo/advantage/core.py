@@ -280,7 +280,8 @@ def gfpo_select(
 
     metric ``length``: the ``keep`` shortest completions of each group. metric ``efficiency``: the ``keep``
     highest reward / length, where reward = sum_k w_k r_k (the same weighted sum as GRPO's; NaN counts 0) and
-    length is clamped to >= 1. Ties go to the lower row index (a stable sort), so the result is deterministic.
+    length is clamped to >= 1 (the paper's ratio as it stands: with negative rewards a longer completion scores
+    higher). Ties go to the lower row index (a stable sort), so the result is deterministic.
     The caller then indexes rewards / rollouts with the result and computes advantages with
     ``group_size = keep``: the group statistics use the retained rows only.
 

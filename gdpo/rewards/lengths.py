@@ -70,8 +70,8 @@ def overlong(
     >>> overlong(["", ""], ["x", "y"], completion_lengths=[11, 3], max_tokens=10, buffer=4)
     [-1.0, 0.0]
     """
-    if not isinstance(buffer, int) or not 0 < buffer <= max_tokens:
-        raise ValueError(f"overlong: buffer must be an int in [1, max_tokens = {max_tokens}], got {buffer!r}")
+    if not 0 < buffer <= max_tokens:
+        raise ValueError(f"overlong: buffer must be in (0, max_tokens = {max_tokens}], got {buffer!r}")
     if completion_lengths is None:
         completion_lengths = [len(str(c).split()) for c in completions]
     start = max_tokens - buffer
