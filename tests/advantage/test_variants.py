@@ -225,3 +225,19 @@ def test_truncate_rewards_then_dler():
     assert truncate_rewards(r, trunc, value=-1.0)[1, 0] == -1.0
     with pytest.raises(ValueError, match="truncated"):
         truncate_rewards(r, torch.zeros(3, dtype=torch.bool))
+
+
+def test_advantage_stats_takes_the_baseline():
+    """The loop passes the same keyword arguments to compute_advantages and advantage_stats; the reward shares
+    follow the leave-one-out deviations (n / (n - 1) per group: with NaN the group sizes differ)."""
+    from gdpo.advantage.diagnostics import advantage_stats
+
+    # group 0: reward a [1, 0, 0] (n = 3), b [NaN, 1, 0] (n = 2); group 1 all valid
+    r = torch.tensor([[1.0, NAN], [0.0, 1.0], [0.0, 0.0], [1.0, 1.0], [0.0, 0.0], [1.0, 0.0]])
+    kw = dict(estimator="gdpo", group_std=False)
+    mean_s = advantage_stats(r, compute_advantages(r, 3, **kw), 3, ["a", "b"], **kw)
+    loo_s = advantage_stats(r, compute_advantages(r, 3, baseline="leave_one_out", **kw), 3, ["a", "b"],
+                            baseline="leave_one_out", **kw)
+    # |contrib| sums: mean baseline a: 4/3 + 4/3 = 8/3, b: 1 + 4/3 = 7/3; LOO scales a by 3/2, b by 2 then 3/2
+    assert mean_s["adv/a/share"] == pytest.approx((8 / 3) / 5, abs=1e-9)
+    assert loo_s["adv/a/share"] == pytest.approx(4 / (4 + 2 + 2), abs=1e-9)
