@@ -181,7 +181,8 @@ class RewardsConfig:
     refuse to start."""
     truncated_value: Optional[float] = None
     """DLER's hard truncation: every reward of a rollout that hit rollout.max_new_tokens without EOS is set to
-    this value (DLER: 0), whatever its text scored; NaN (does not apply) stays NaN. None = off."""
+    this value (DLER: 0), whatever its text scored; NaN (does not apply) stays NaN. None = off. Penalties too:
+    with an ``overlong`` reward, a truncated rollout then gets this value instead of its -1."""
 
 
 @dataclass
