@@ -20,6 +20,9 @@ A fourth switch, independent of the preset: the group baseline (``baseline``).
   = n / (n - 1) (x_i - mean), n = the group's valid count for that reward (per reward under GDPO). With
   ``group_std`` that deviation is divided by the group's sample std + eps, as with ``mean``. The NaN and
   constant-group rules are unchanged (a group with one valid entry is constant: 0).
+  Where every group has the same valid count n this is the mean baseline times n / (n - 1): a constant factor
+  (an effective learning-rate change) that a batch normalisation removes entirely. It differs in kind only where
+  "does not apply" (NaN) leaves groups with different counts.
 
 GFPO (arXiv 2508.09726) filters before all this: ``gfpo_select`` keeps ``keep`` of each group's rollouts, and the
 estimator then runs on the retained rows with ``group_size = keep``.
