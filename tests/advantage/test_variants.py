@@ -241,3 +241,19 @@ def test_advantage_stats_takes_the_baseline():
     # |contrib| sums: mean baseline a: 4/3 + 4/3 = 8/3, b: 1 + 4/3 = 7/3; LOO scales a by 3/2, b by 2 then 3/2
     assert mean_s["adv/a/share"] == pytest.approx((8 / 3) / 5, abs=1e-9)
     assert loo_s["adv/a/share"] == pytest.approx(4 / (4 + 2 + 2), abs=1e-9)
+
+
+def test_leave_one_out_is_a_rescale_when_group_counts_are_equal():
+    g = torch.Generator().manual_seed(4)
+    r = torch.rand(32, 2, generator=g, dtype=torch.float64)
+    for est in ("grpo_no_std", "grpo"):  # a constant factor G / (G - 1) = 4 / 3
+        a = compute_advantages(r, 4, est, eps=0.0, backend="torch", baseline="leave_one_out")
+        torch.testing.assert_close(a, compute_advantages(r, 4, est, eps=0.0, backend="torch") * 4 / 3)
+    # a batch normalisation removes the factor ...
+    torch.testing.assert_close(compute_advantages(r, 4, "gdpo", eps=0.0, backend="torch", baseline="leave_one_out"),
+                               compute_advantages(r, 4, "gdpo", eps=0.0, backend="torch"))
+    # ... unless NaN leaves groups with different counts (here 3 and 4 valid entries of reward 0)
+    r[0, 0] = NAN
+    a = compute_advantages(r, 4, "gdpo", eps=0.0, backend="torch", baseline="leave_one_out")
+    b = compute_advantages(r, 4, "gdpo", eps=0.0, backend="torch")
+    assert (a - b).abs().max() > 1e-3
