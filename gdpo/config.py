@@ -57,7 +57,8 @@ class ModelConfig:
     """Attention kernel passed to ``from_pretrained``: eager, sdpa, flash_attention_2, flash_attention_3 or
     flex_attention; None = the transformers default."""
     logprob_chunk_size: int = rng(1024, 1)
-    """Sequence positions per chunk when computing per-token log-probs (bounds the [B, T, V] float32 memory)."""
+    """Sequence positions per chunk when computing per-token log-probs (bounds the [B, T, V] float32 memory).
+    With rollout.top_p < 1 each chunk is also sorted over V (about 3x more memory): halve it if memory is tight."""
 
 
 @dataclass
@@ -116,9 +117,10 @@ class RolloutConfig:
     temperature: float = rng(1.0, 0.0, lo_open=True)
     """Sampling temperature (also applied to the trainer's log-probs so the ratio compares like with like)."""
     top_p: float = rng(1.0, 0.0, 1.0, lo_open=True)
-    """Nucleus sampling mass."""
+    """Nucleus sampling mass. The trainer's log-probs are renormalised over the same kept tokens (temperature,
+    then top-k, then top-p), so the importance ratio compares like with like (TRL issue #6789)."""
     top_k: int = rng(0, 0)
-    """Top-k sampling (0 = off)."""
+    """Top-k sampling (0 = off); the trainer's log-probs use the same truncation, as for top_p."""
     stop: list[str] = field(default_factory=list)
     """Extra stop strings; the completion keeps the stop string."""
     generation_batch_size: int = rng(0, 0)
@@ -157,7 +159,7 @@ class RewardConfig:
     name: str = ""
     """Name used in logs (``rewards/<name>/mean``) and in conditions; unique."""
     fn: str = ""
-    """A built-in (math_correct, length, format, toolcall_correct, code_pass, code_bug, integer) or
+    """A built-in (math_correct, length, overlong, format, toolcall_correct, code_pass, code_bug, integer) or
     ``package.module:function``."""
     weight: float = 1.0
     """Weight w_k in the sum over rewards."""
@@ -187,13 +189,17 @@ class RewardsConfig:
     only rlimits, a cleared environment and a process group hold: the program can read every file the trainer's
     user can, and signal that user's processes (as root it runs under a private uid, or is refused). Off =
     refuse to start."""
+    truncated_value: Optional[float] = None
+    """DLER's hard truncation: every reward of a rollout that hit rollout.max_new_tokens without EOS is set to
+    this value (DLER: 0), whatever its text scored; NaN (does not apply) stays NaN. None = off. Penalties too:
+    with an ``overlong`` reward, a truncated rollout then gets this value instead of its -1."""
 
 
 @dataclass
 class AdvantageConfig:
-    estimator: Literal["grpo", "grpo_no_std", "gdpo"] = "gdpo"
+    estimator: Literal["grpo", "grpo_no_std", "gdpo", "dler"] = "gdpo"
     """Preset: grpo (sum, group z-score), grpo_no_std (sum, group centring), gdpo (per-reward group z-score,
-    weighted sum, batch z-score)."""
+    weighted sum, batch z-score), dler (sum, group centring, batch z-score: DLER / REINFORCE++'s baseline)."""
     aggregate: Optional[Literal["sum_then_normalize", "normalize_then_sum"]] = None
     """Override the preset's aggregation (None = the preset's)."""
     group_std: Optional[bool] = None
@@ -204,6 +210,14 @@ class AdvantageConfig:
     """Added to every std (group and batch). 1e-4 as in TRL and the GDPO reference code."""
     backend: Literal["auto", "torch", "triton"] = "auto"
     """auto = the fused Triton kernel on CUDA, vectorised torch otherwise."""
+    baseline: Literal["mean", "leave_one_out"] = "mean"
+    """Group baseline: mean of the group, or leave_one_out (RLOO: the mean of the other G - 1 rollouts, per
+    reward under GDPO). leave_one_out runs on the torch path (the Triton kernel computes the mean only)."""
+    gfpo_keep: Optional[int] = rng(None, 0)
+    """GFPO: of the rollout.group_size rollouts sampled per prompt keep this many (>= 2, < group_size) by
+    gfpo_metric, and compute group statistics and train on those only. 0 or None = off."""
+    gfpo_metric: Literal["length", "efficiency"] = "length"
+    """GFPO's filter: length (the shortest) or efficiency (the highest weighted reward sum / length)."""
 
 
 @dataclass
@@ -233,6 +247,22 @@ class LossConfig:
     the engine returns log-probs)."""
     is_cap: float = rng(2.0, 1.0)
     """Cap of the truncated importance weight."""
+    importance_level: Literal["token", "sequence"] = "token"
+    """token: one ratio per token (PPO / GRPO); sequence: GSPO's per-row ratio exp(mean_t (logp - old_logp)),
+    clipped with eps_low / eps_high (GSPO's own: 3e-4 / 4e-4, configs/tiny_gspo.yaml); needs loss.aggregation
+    seq_mean_token_mean."""
+    objective: Literal["clip", "cispo", "sapo"] = "clip"
+    """clip: PPO clipped surrogate (eps_low / eps_high); cispo: -sg(min(r, cispo_eps_max)) A logp (CISPO: the
+    weight is capped, the gradient never cut); sapo: soft gate -sigmoid(tau (r - 1)) 4 / tau A (SAPO)."""
+    cispo_eps_max: float = rng(5.0, 0.0, lo_open=True)
+    """CISPO's cap on the (stop-gradient) importance weight; 5.0 as TRL."""
+    sapo_tau_pos: float = rng(1.0, 0.0, lo_open=True)
+    """SAPO's gate temperature for tokens with A > 0."""
+    sapo_tau_neg: float = rng(1.05, 0.0, lo_open=True)
+    """SAPO's gate temperature for tokens with A <= 0 (higher = faster decay off-policy)."""
+    mask_truncated: bool = False
+    """DAPO's overlong filtering: rollouts that hit rollout.max_new_tokens without EOS contribute nothing to the
+    loss (no policy gradient, no KL); they still count in the reward and advantage statistics."""
 
 
 @dataclass
@@ -494,12 +524,40 @@ def _validate(cfg: Config) -> None:
             f"loss.micro_batch_size: {cfg.loss.micro_batch_size} does not divide loss.minibatch_size "
             f"{cfg.loss.minibatch_size}"
         )
+    _validate_variants(cfg)
     if cfg.deepspeed.offload_param and cfg.deepspeed.zero_stage != 3:
         raise ConfigError("deepspeed.offload_param: needs deepspeed.zero_stage 3")
     if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage < 1:
         raise ConfigError("deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1")
     if cfg.checkpoint.resume not in (None, "auto") and not Path(cfg.checkpoint.resume).exists():
         raise ConfigError(f"checkpoint.resume: {cfg.checkpoint.resume!r} does not exist (use auto, null or a path)")
+
+
+def _validate_variants(cfg: Config) -> None:
+    """The related-work switches (GSPO, CISPO, SAPO, GFPO, RLOO): combinations that would not take effect."""
+    adv, loss, defaults = cfg.advantage, cfg.loss, LossConfig()
+    if adv.gfpo_keep and not 2 <= adv.gfpo_keep < cfg.rollout.group_size:
+        raise ConfigError(f"advantage.gfpo_keep: {adv.gfpo_keep} must be >= 2 and < rollout.group_size "
+                          f"{cfg.rollout.group_size} (GFPO samples more rollouts than it keeps; 0 = off)")
+    if not adv.gfpo_keep and adv.gfpo_metric != "length":
+        raise ConfigError(f"advantage.gfpo_metric: {adv.gfpo_metric!r} has no effect without advantage.gfpo_keep")
+    if adv.baseline != "mean" and adv.backend == "triton":
+        raise ConfigError(f"advantage.baseline: {adv.baseline!r} is computed on the torch path; the Triton kernel "
+                          "does the mean baseline only (use advantage.backend auto or torch)")
+    if loss.importance_level == "sequence" and loss.aggregation != "seq_mean_token_mean":
+        raise ConfigError(f"loss.aggregation: {loss.aggregation!r} with loss.importance_level sequence; GSPO's "
+                          "sequence ratio needs seq_mean_token_mean (a token sum weights each row by its length)")
+    unused = []
+    if loss.objective != "clip":
+        unused += [k for k in ("eps_low", "eps_high") if getattr(loss, k) != getattr(defaults, k)]
+    if loss.objective != "cispo" and loss.cispo_eps_max != defaults.cispo_eps_max:
+        unused.append("cispo_eps_max")
+    if loss.objective != "sapo":
+        unused += [k for k in ("sapo_tau_pos", "sapo_tau_neg") if getattr(loss, k) != getattr(defaults, k)]
+    if unused:
+        raise ConfigError(f"loss.{unused[0]}: {getattr(loss, unused[0])!r} has no effect with loss.objective "
+                          f"{loss.objective!r} (eps_low / eps_high belong to clip, cispo_eps_max to cispo, "
+                          "sapo_tau_* to sapo)")
 
 
 # ----------------------------------------------------------------------------------------------------------

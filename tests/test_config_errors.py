@@ -127,7 +127,7 @@ CASES = [
      "dataset id, or demo)"),
     ("unknown-reward-fn", None, ["rewards.functions.0.fn=math_corect"], None,
      "rewards.functions.0.fn: reward 'correct': unknown fn 'math_corect'; allowed: a built-in (code_bug, code_pass, "
-     "format, integer, length, math_correct, toolcall_correct) or 'package.module:function'"),
+     "format, integer, length, math_correct, overlong, toolcall_correct) or 'package.module:function'"),
     ("reward-module-missing", None, ["rewards.functions.0.fn=nopkg.mod:fn"], None,
      "rewards.functions.0.fn: reward 'correct': cannot import module 'nopkg.mod' for fn 'nopkg.mod:fn': "
      "ModuleNotFoundError(\"No module named 'nopkg'\")"),

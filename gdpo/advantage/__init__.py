@@ -1,4 +1,4 @@
-"""Advantages for several rewards: GRPO, GRPO without std, GDPO and every combination of their switches.
+"""Advantages for several rewards: GRPO, GRPO without std, GDPO, DLER and every combination of their switches.
 
     from gdpo.advantage import compute_advantages
     adv = compute_advantages(rewards, group_size, estimator="gdpo")  # rewards [N, K] -> adv [N] float32
@@ -16,13 +16,17 @@ import torch
 from gdpo.advantage.core import (
     AGGREGATES,
     BACKENDS,
+    BASELINES,
     ESTIMATORS,
+    GFPO_METRICS,
     PRESETS,
     AdvantageSpec,
     Moments,
     batch_moments,
     batch_normalize,
+    check_baseline,
     check_inputs,
+    gfpo_select,
     reference_advantages,
     resolve_spec,
     torch_advantages,
@@ -31,11 +35,14 @@ from gdpo.advantage.core import (
 __all__ = [
     "AGGREGATES",
     "BACKENDS",
+    "BASELINES",
     "ESTIMATORS",
+    "GFPO_METRICS",
     "PRESETS",
     "AdvantageSpec",
     "Moments",
     "compute_advantages",
+    "gfpo_select",
     "reference_advantages",
     "resolve_spec",
     "triton_available",
@@ -65,12 +72,15 @@ def compute_advantages(
     aggregate: str | None = None,
     group_std: bool | None = None,
     reduce_moments: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    baseline: str = "mean",
 ) -> torch.Tensor:
     """Advantages [N] float32 from rewards [N, K] (N = prompts x group_size, each prompt's rollouts contiguous).
 
-    estimator: preset ``grpo`` | ``grpo_no_std`` | ``gdpo``; ``aggregate``, ``group_std`` and ``batch_norm``
-    override one switch each (None keeps the preset's). weights: [K], default all 1. NaN in rewards = "does not
-    apply". backend: ``torch`` | ``triton`` | ``auto`` (triton on CUDA tensors, torch otherwise).
+    estimator: preset ``grpo`` | ``grpo_no_std`` | ``gdpo`` | ``dler``; ``aggregate``, ``group_std`` and
+    ``batch_norm`` override one switch each (None keeps the preset's). weights: [K], default all 1. NaN in rewards
+    = "does not apply". backend: ``torch`` | ``triton`` | ``auto`` (triton on CUDA tensors, torch otherwise).
+    baseline: ``mean`` | ``leave_one_out`` (RLOO, see core.py). The Triton kernel computes the ``mean`` baseline
+    only: ``auto`` then takes the torch path, and an explicit ``backend="triton"`` is refused.
 
     reduce_moments: for data parallelism, a function that sums a float64 tensor [3] (count, sum x, sum x^2)
     across ranks (e.g. an all-reduce). Only the batch normalisation needs it; the group stage is rank-local
@@ -88,7 +98,13 @@ def compute_advantages(
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {list(BACKENDS)}")
     spec = resolve_spec(estimator, aggregate=aggregate, group_std=group_std, batch_norm=batch_norm)
-    use_triton = backend == "triton" or (backend == "auto" and rewards.is_cuda and triton_available("cuda"))
+    check_baseline(baseline)
+    if backend == "triton" and baseline != "mean":
+        raise ValueError(f"backend='triton' computes the mean baseline only, not baseline={baseline!r}; "
+                         "use backend='torch' or 'auto'")
+    use_triton = backend == "triton" or (
+        backend == "auto" and baseline == "mean" and rewards.is_cuda and triton_available("cuda")
+    )
     if use_triton:
         if not triton_available(rewards.device):
             raise ValueError(
@@ -96,7 +112,7 @@ def compute_advantages(
             )
         return _triton(rewards, group_size, weights, spec, eps, reduce_moments)
     w = check_inputs(rewards, group_size, weights)
-    x, ok = torch_advantages(rewards, group_size, w, spec, eps)
+    x, ok = torch_advantages(rewards, group_size, w, spec, eps, baseline)
     if spec.batch_norm:
         m = batch_moments(x, ok)
         if reduce_moments is not None:

@@ -2,16 +2,30 @@
 
 Notation: N rollouts = P prompts x G rollouts per prompt (each prompt's rollouts contiguous), K rewards.
 
-Three presets sit on three orthogonal switches:
+Four presets sit on three orthogonal switches:
 
     preset        aggregate            group_std  batch_norm
     grpo          sum_then_normalize   True       False
     grpo_no_std   sum_then_normalize   False      False
     gdpo          normalize_then_sum   True       True
+    dler          sum_then_normalize   False      True     (DLER, arXiv 2510.15110: REINFORCE++'s baseline)
 
 - ``sum_then_normalize`` (GRPO): s = sum_k w_k r_k, then centre (and with ``group_std`` scale) s within its group.
 - ``normalize_then_sum`` (GDPO): centre (and scale) each reward within its group, then x = sum_k w_k z_k.
 - ``batch_norm``: one more z-score of x over all valid rows of the batch: (x - mean) / (std + eps).
+
+A fourth switch, independent of the preset: the group baseline (``baseline``).
+- ``mean``: x_i - mean of the group (every valid rollout, i included).
+- ``leave_one_out`` (RLOO): x_i - mean of the *other* n - 1 valid rollouts of the group
+  = n / (n - 1) (x_i - mean), n = the group's valid count for that reward (per reward under GDPO). With
+  ``group_std`` that deviation is divided by the group's sample std + eps, as with ``mean``. The NaN and
+  constant-group rules are unchanged (a group with one valid entry is constant: 0).
+  Where every group has the same valid count n this is the mean baseline times n / (n - 1): a constant factor
+  (an effective learning-rate change) that a batch normalisation removes entirely. It differs in kind only where
+  "does not apply" (NaN) leaves groups with different counts.
+
+GFPO (arXiv 2508.09726) filters before all this: ``gfpo_select`` keeps ``keep`` of each group's rollouts, and the
+estimator then runs on the retained rows with ``group_size = keep``.
 
 Conventions, deliberate and tested:
 - std is the sample (unbiased, n - 1) std, as in the GDPO paper (and TRL's ``nanstd``).
@@ -31,7 +45,9 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-ESTIMATORS = ("grpo", "grpo_no_std", "gdpo")
+ESTIMATORS = ("grpo", "grpo_no_std", "gdpo", "dler")
+BASELINES = ("mean", "leave_one_out")
+GFPO_METRICS = ("length", "efficiency")
 AGGREGATES = ("sum_then_normalize", "normalize_then_sum")
 BACKENDS = ("auto", "torch", "triton")
 
@@ -40,6 +56,7 @@ PRESETS: dict[str, tuple[str, bool, bool]] = {
     "grpo": ("sum_then_normalize", True, False),
     "grpo_no_std": ("sum_then_normalize", False, False),
     "gdpo": ("normalize_then_sum", True, True),
+    "dler": ("sum_then_normalize", False, True),
 }
 
 
@@ -108,10 +125,18 @@ def check_inputs(
     return w
 
 
-def group_zscore(values: torch.Tensor, valid: torch.Tensor, *, use_std: bool, eps: float) -> torch.Tensor:
+def check_baseline(baseline: str) -> None:
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline={baseline!r} is not one of {list(BASELINES)}")
+
+
+def group_zscore(
+    values: torch.Tensor, valid: torch.Tensor, *, use_std: bool, eps: float, leave_one_out: bool = False
+) -> torch.Tensor:
     """Centre (and scale) values within each group over the valid entries.
 
     values: [P, G, K]; valid: [P, G, K] bool. Returns [P, G, K], 0 where invalid or the group is constant.
+    leave_one_out: centre on the mean of the other valid entries instead (x - mean scaled by n / (n - 1)).
     """
     if bool(valid.all()):  # the common case, no NaN: plain reductions, no masking
         d = values - values.mean(1, keepdim=True)  # [P, G, K]
@@ -127,6 +152,8 @@ def group_zscore(values: torch.Tensor, valid: torch.Tensor, *, use_std: bool, ep
         vmax = torch.where(valid, values, torch.full_like(values, -big)).amax(1, keepdim=True)  # [P, 1, K]
         vmin = torch.where(valid, values, torch.full_like(values, big)).amin(1, keepdim=True)  # [P, 1, K]
         var = (d * d).sum(1, keepdim=True) / (cnt - 1).clamp(min=1) if use_std else None  # sample variance
+    if leave_one_out:  # x_i - (sum - x_i) / (n - 1) = n / (n - 1) (x_i - mean); n = 1 is a constant group below
+        d = d * (cnt / (cnt - 1).clamp(min=1) if isinstance(cnt, torch.Tensor) else cnt / (cnt - 1))
     # exact zero for constant groups: x - mean(x) would otherwise leave rounding noise that eps amplifies
     d = d.masked_fill(vmax == vmin, 0.0)
     if not use_std:
@@ -143,12 +170,15 @@ def group_advantages(
     group_std: bool,
     eps: float,
     dtype: torch.dtype = torch.float32,
+    baseline: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Group stage of every estimator (torch, vectorised over groups).
 
     rewards: [N, K] (NaN = does not apply); weights: [K]. Returns (x [N] in ``dtype``, row_valid [N] bool):
     x is the advantage before any batch normalisation, 0 on rows where every reward is NaN.
     """
+    check_baseline(baseline)
+    loo = baseline == "leave_one_out"
     n, k = rewards.shape
     r = rewards.to(dtype).view(n // group_size, group_size, k)  # [P, G, K]
     w = weights.to(dtype)  # [K]
@@ -156,9 +186,9 @@ def group_advantages(
     row_valid = valid.any(-1)  # [P, G]
     if aggregate == "sum_then_normalize":
         s = (torch.where(valid, r, torch.zeros_like(r)) * w).sum(-1, keepdim=True)  # [P, G, 1]
-        x = group_zscore(s, row_valid.unsqueeze(-1), use_std=group_std, eps=eps).squeeze(-1)  # [P, G]
+        x = group_zscore(s, row_valid.unsqueeze(-1), use_std=group_std, eps=eps, leave_one_out=loo).squeeze(-1)
     elif aggregate == "normalize_then_sum":
-        z = group_zscore(r, valid, use_std=group_std, eps=eps)  # [P, G, K]
+        z = group_zscore(r, valid, use_std=group_std, eps=eps, leave_one_out=loo)  # [P, G, K]
         x = (z * w).sum(-1)  # [P, G]
     else:
         raise ValueError(f"aggregate={aggregate!r} is not one of {list(AGGREGATES)}")
@@ -213,12 +243,14 @@ def reference_advantages(
     *,
     aggregate: str | None = None,
     group_std: bool | None = None,
+    baseline: str = "mean",
 ) -> torch.Tensor:
     """The same maths in float64, written for clarity: the yardstick every fast path is tested against."""
     spec = resolve_spec(estimator, aggregate=aggregate, group_std=group_std, batch_norm=batch_norm)
     w = check_inputs(rewards, group_size, weights).double()
     x, ok = group_advantages(
-        rewards, group_size, w, aggregate=spec.aggregate, group_std=spec.group_std, eps=eps, dtype=torch.float64
+        rewards, group_size, w, aggregate=spec.aggregate, group_std=spec.group_std, eps=eps, dtype=torch.float64,
+        baseline=baseline,
     )
     if spec.batch_norm:
         x = batch_normalize(x, ok, batch_moments(x, ok), eps=eps)
@@ -226,10 +258,60 @@ def reference_advantages(
 
 
 def torch_advantages(
-    rewards: torch.Tensor, group_size: int, weights: torch.Tensor, spec: AdvantageSpec, eps: float
+    rewards: torch.Tensor,
+    group_size: int,
+    weights: torch.Tensor,
+    spec: AdvantageSpec,
+    eps: float,
+    baseline: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 torch path: (x [N], row_valid [N]) after the group stage, before batch normalisation."""
     return group_advantages(
-        rewards, group_size, weights, aggregate=spec.aggregate, group_std=spec.group_std, eps=eps
+        rewards, group_size, weights, aggregate=spec.aggregate, group_std=spec.group_std, eps=eps, baseline=baseline
     )
 
+
+def gfpo_select(
+    rewards: torch.Tensor,  # [N, K], NaN = does not apply
+    lengths: torch.Tensor,  # [N] completion lengths in tokens
+    group_size: int,  # G' (rollouts sampled per prompt)
+    keep: int,  # k (rollouts kept per prompt)
+    metric: str = "length",
+    weights: Sequence[float] | torch.Tensor | None = None,  # [K], default all 1
+) -> torch.Tensor:
+    """GFPO's filter: the rows [P * keep] (int64, ascending within each group, groups in order) to train on.
+
+    metric ``length``: the ``keep`` shortest completions of each group. metric ``efficiency``: the ``keep``
+    highest reward / length, where reward = sum_k w_k r_k (the same weighted sum as GRPO's; NaN counts 0) and
+    length is clamped to >= 1 (the paper's ratio as it stands: with negative rewards a longer completion scores
+    higher). Ties go to the lower row index (a stable sort), so the result is deterministic.
+    The caller then indexes rewards / rollouts with the result and computes advantages with
+    ``group_size = keep``: the group statistics use the retained rows only.
+
+    >>> r = torch.tensor([[1.], [0.], [1.], [1.], [0.], [1.], [1.], [0.]])
+    >>> gfpo_select(r, torch.tensor([5, 3, 3, 9, 2, 8, 4, 4]), 4, 2).tolist()  # shortest two; tie 3 = 3 -> 1, 2
+    [1, 2, 4, 6]
+    >>> gfpo_select(r, torch.tensor([5, 3, 3, 9, 2, 8, 4, 4]), 4, 2, "efficiency").tolist()  # 1/3 > 1/5 > 0
+    [0, 2, 5, 6]
+    """
+    w = check_inputs(rewards, group_size, weights)
+    if metric not in GFPO_METRICS:
+        raise ValueError(f"metric={metric!r} is not one of {list(GFPO_METRICS)}")
+    if not isinstance(keep, int) or isinstance(keep, bool) or not 2 <= keep <= group_size:
+        raise ValueError(f"keep must be an int in [2, group_size = {group_size}], got {keep!r}")
+    n = rewards.shape[0]
+    lengths = torch.as_tensor(lengths, device=rewards.device).flatten()
+    if lengths.numel() != n:
+        raise ValueError(f"{lengths.numel()} lengths for {n} rewards rows")
+    p = n // group_size
+    lens = lengths.to(torch.float64).view(p, group_size)  # [P, G]
+    if metric == "length":
+        key = lens  # ascending: shortest first
+    else:
+        r = rewards.to(torch.float64)
+        total = (torch.where(torch.isnan(r), torch.zeros_like(r), r) * w.double()).sum(-1)  # [N]
+        key = -(total.view(p, group_size) / lens.clamp(min=1.0))  # ascending on -efficiency: most efficient first
+    order = torch.sort(key, dim=1, stable=True).indices[:, :keep]  # [P, keep]
+    order = torch.sort(order, dim=1).values  # keep each group's rollouts in their original order
+    offsets = torch.arange(p, device=rewards.device).unsqueeze(1) * group_size  # [P, 1]
+    return (order + offsets).reshape(-1)

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from gdpo.advantage.core import PRESETS, check_inputs, group_zscore, resolve_spec
+from gdpo.advantage.core import PRESETS, check_baseline, check_inputs, group_zscore, resolve_spec
 
 # Above this many row-multisets a cell is not enumerated exactly (the table shows a sampled lower bound).
 DEFAULT_MAX_CONFIGS = 400_000
@@ -216,13 +216,14 @@ def advantage_stats(
     eps: float = 1e-4,
     aggregate: str | None = None,
     group_std: bool | None = None,
+    baseline: str = "mean",
 ) -> dict[str, float]:
     """Per-step diagnostics of one batch, as a flat dict (see `record_advantage_stats` for the keys)."""
     from gdpo.metrics import Metrics
 
     m = Metrics()
     record_advantage_stats(m, rewards, advantages, group_size, names, estimator=estimator, weights=weights,
-                           eps=eps, aggregate=aggregate, group_std=group_std)
+                           eps=eps, aggregate=aggregate, group_std=group_std, baseline=baseline)
     return m.reduce()
 
 
@@ -239,6 +240,7 @@ def record_advantage_stats(
     eps: float = 1e-4,
     aggregate: str | None = None,
     group_std: bool | None = None,
+    baseline: str = "mean",
 ) -> None:
     """Record the advantage diagnostics of this rank's groups into ``m``; keys prefixed ``adv/``:
 
@@ -257,6 +259,8 @@ def record_advantage_stats(
     if len(names) != k:
         raise ValueError(f"len(names) = {len(names)} but rewards has K = {k} columns")
     spec = resolve_spec(estimator, aggregate=aggregate, group_std=group_std)
+    check_baseline(baseline)
+    loo = baseline == "leave_one_out"
     w = check_inputs(rewards, group_size, weights).double()
     r = rewards.double().view(n // group_size, group_size, k)  # [P, G, K]
     valid = ~torch.isnan(r)
@@ -272,7 +276,7 @@ def record_advantage_stats(
         m.mean_of(f"adv/{name}/zero_spread_frac", zero[:, j])
     # per-reward contributions to the advantage before batch norm
     if spec.aggregate == "normalize_then_sum":
-        contrib = group_zscore(r, valid, use_std=spec.group_std, eps=eps) * w  # [P, G, K]
+        contrib = group_zscore(r, valid, use_std=spec.group_std, eps=eps, leave_one_out=loo) * w  # [P, G, K]
     else:
         rv = torch.where(valid, r, torch.zeros_like(r))
         row_ok = valid.any(-1, keepdim=True)  # [P, G, 1]
@@ -280,6 +284,8 @@ def record_advantage_stats(
         cnt = row_ok.sum(1, keepdim=True).clamp(min=1)
         mean_k = (rv * w * row_ok).sum(1, keepdim=True) / cnt  # [P, 1, K]: the mean of s splits over rewards
         contrib = torch.where(row_ok, rv * w - mean_k, torch.zeros_like(rv))  # [P, G, K]
+        if loo:  # the leave-one-out deviation is n / (n - 1) times the mean-centred one
+            contrib = contrib * cnt / (cnt - 1).clamp(min=1)
         if spec.group_std:
             d = torch.where(row_ok, s - s.sum(1, keepdim=True) / cnt, torch.zeros_like(s))
             std = ((d * d).sum(1, keepdim=True) / (cnt - 1).clamp(min=1)).sqrt()

@@ -4,6 +4,15 @@ Sequence layout (the one `RolloutBatch.input_ids()` produces): every row is
 `[left-padded prompt (P) | right-padded completion (T)]`, so completion token t of every row sits at
 column P + t and is predicted by the hidden state at column P + t - 1.
 
+Truncated sampling (top-k / top-p): the sampler draws from the renormalised kept set, and both rollout backends
+return that distribution's log-probs (hf: log-softmax of the warped scores; vLLM: `processed_logprobs`). With
+`top_k` / `top_p` given, `token_logprobs` renormalises over the same kept set (temperature, then top-k, then
+top-p, with the tie and boundary rules of HF's warpers and vLLM's sampler), so with identical weights
+trainer and sampler log-probs agree and exp(old - sampling) is 1; over the full softmax it would be the kept
+mass S < 1 on every token (TRL issue #6789). The kept set is a constant of the backward pass: the gradient
+flows through the kept logits. The sampled token is always kept (it was in the sampler's set; a rounding
+difference at the top-p boundary must not give -inf).
+
 Memory: only the T completion positions go through the LM head, and they go through it in chunks of
 `chunk_size` positions, so at most a [B, chunk, V] float32 logits block exists at a time. With
 autograd on, each chunk is recomputed in backward (activation checkpointing on the head), so the
@@ -101,6 +110,42 @@ def _decoder_and_head(model: torch.nn.Module):
     return model, model.get_decoder(), model.get_output_embeddings()
 
 
+def sampling_removed(
+    scores: torch.Tensor,  # [..., V] logits after temperature
+    top_k: int = 0,
+    top_p: float = 1.0,
+    keep: torch.Tensor | None = None,  # [...] token ids that stay in the kept set whatever the rule says
+) -> torch.Tensor | None:
+    """[..., V] bool: the tokens top-k then top-p remove (None when neither truncates).
+
+    top-k removes every token below the k-th largest score (ties at the k-th are kept); top-p then sorts the
+    survivors ascending and removes those whose cumulative probability is <= 1 - top_p, always keeping the most
+    likely one: the rules of HF's TopK / TopP warpers and of vLLM's `apply_top_k_top_p`.
+
+    >>> s = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    >>> sampling_removed(s, top_k=2).tolist()
+    [[False, False, True, True]]
+    >>> sampling_removed(s, top_p=0.9).tolist()  # probs .64 .24 .09 .03: the top three carry >= 0.9
+    [[False, False, False, True]]
+    """
+    if not (0 < top_k < scores.shape[-1]) and not top_p < 1.0:
+        return None
+    removed = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if 0 < top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]  # [..., 1]
+        removed = scores < kth
+    if top_p < 1.0:
+        masked = scores.masked_fill(removed, -float("inf"))
+        srt, idx = torch.sort(masked, dim=-1, descending=False)  # [..., V]
+        cum = srt.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum <= 1.0 - top_p
+        drop[..., -1] = False  # at least one token
+        removed = removed | drop.scatter(-1, idx, drop)
+    if keep is not None:
+        removed = removed.scatter(-1, keep.unsqueeze(-1), False)
+    return removed
+
+
 def _chunk_logprobs(
     head: torch.nn.Module,  # the LM head, called as a module so ZeRO-3 hooks gather its weight
     hidden: torch.Tensor,  # [B, c, H]
@@ -108,17 +153,23 @@ def _chunk_logprobs(
     temperature: float,
     softcap: float | None,
     with_entropy: bool,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     logits = head(hidden).float()  # [B, c, V]
     if softcap:  # Gemma-2 style final logit soft-capping
         logits = torch.tanh(logits / softcap) * softcap
     if temperature != 1.0:
         logits = logits / temperature
+    removed = sampling_removed(logits.detach(), top_k, top_p, keep=targets)  # [B, c, V] | None
+    if removed is not None:
+        logits = logits.masked_fill(removed, -float("inf"))
     lse = torch.logsumexp(logits, dim=-1)  # [B, c]
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse  # [B, c]
     if with_entropy:
-        # H = lse - sum_v p_v * logit_v
-        ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # [B, c]
+        # H = lse - sum_v p_v * logit_v (over the kept set: removed tokens have p = 0, and 0 * -inf must not be NaN)
+        finite = logits if removed is None else logits.masked_fill(removed, 0.0)
+        ent = lse - (torch.softmax(logits, dim=-1) * finite).sum(-1)  # [B, c]
     else:
         ent = torch.zeros_like(logp)
     return logp, ent
@@ -182,10 +233,15 @@ def token_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 128,
     return_entropy: bool = False,
+    top_p: float = 1.0,
+    top_k: int = 0,
 ) -> TokenLogprobs:
     """Per-token log-probs [B, T] of the completion tokens (columns P..P+T-1), computed chunk-wise over T.
 
-    `temperature` divides the logits, matching the distribution the rollout sampled from.
+    `temperature` divides the logits, matching the distribution the rollout sampled from; `top_k` (0 = off) and
+    `top_p` (1 = off) renormalise over the tokens the sampler kept (module docstring). With top-p each chunk also
+    sorts its [B, chunk, V] logits: about 3x the logits block of extra memory, so lower `chunk_size` for it.
+    The entropy is then that of the truncated distribution.
     Position ids follow the attention mask (left padding does not shift positions), as in `generate`.
     Works under autograd (training) and under no_grad (old / reference log-probs).
     """
@@ -204,10 +260,10 @@ def token_logprobs(
         args = (head, hidden[:, s : s + chunk_size], targets[:, s : s + chunk_size])
         if use_ckpt:
             lp, en = checkpoint(
-                _chunk_logprobs, *args, temperature, softcap, return_entropy, use_reentrant=False
+                _chunk_logprobs, *args, temperature, softcap, return_entropy, top_k, top_p, use_reentrant=False
             )
         else:
-            lp, en = _chunk_logprobs(*args, temperature, softcap, return_entropy)
+            lp, en = _chunk_logprobs(*args, temperature, softcap, return_entropy, top_k, top_p)
         logps.append(lp)
         ents.append(en)
     mask = attention_mask[:, P:].bool()  # [B, T]
@@ -228,6 +284,8 @@ def token_logprobs_batched(
     temperature: float = 1.0,
     chunk_size: int = 128,
     return_entropy: bool = False,
+    top_p: float = 1.0,
+    top_k: int = 0,
 ) -> TokenLogprobs:
     """`token_logprobs` without autograd, `micro_batch_size` rows at a time (old / reference log-probs), or over
     the given ``micro_batches`` (row indices each, e.g. token-budget ones).
@@ -257,6 +315,8 @@ def token_logprobs_batched(
                 temperature=temperature,
                 chunk_size=chunk_size,
                 return_entropy=return_entropy,
+                top_p=top_p,
+                top_k=top_k,
             )
             logp[rows, :t] = out.logprobs
             if ent is not None:

@@ -14,7 +14,7 @@ See docs/rewards.md.
 from gdpo.rewards.bank import BUILTINS, Condition, RewardBank, RewardResult, RewardSpec, resolve_reward_fn
 from gdpo.rewards.code import code_bug, code_pass
 from gdpo.rewards.formats import format_reward
-from gdpo.rewards.lengths import length
+from gdpo.rewards.lengths import length, overlong, truncate_rewards
 from gdpo.rewards.math import integer, math_correct
 from gdpo.rewards.toolcall import toolcall_correct
 
@@ -32,6 +32,8 @@ __all__ = [
     "math_correct",
     "integer",
     "length",
+    "overlong",
+    "truncate_rewards",
     "format",
     "format_reward",
     "toolcall_correct",

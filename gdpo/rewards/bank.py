@@ -52,6 +52,7 @@ BUILTINS: dict[str, str] = {
     "math_correct": "gdpo.rewards.math:math_correct",
     "integer": "gdpo.rewards.math:integer",
     "length": "gdpo.rewards.lengths:length",
+    "overlong": "gdpo.rewards.lengths:overlong",
     "format": "gdpo.rewards.formats:format_reward",
     "toolcall_correct": "gdpo.rewards.toolcall:toolcall_correct",
     "code_pass": "gdpo.rewards.code:code_pass",

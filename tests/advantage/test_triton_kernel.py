@@ -20,7 +20,7 @@ def _rewards(n, k, g, seed, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("estimator", ["grpo", "grpo_no_std", "gdpo"])
+@pytest.mark.parametrize("estimator", ["grpo", "grpo_no_std", "gdpo", "dler"])
 @pytest.mark.parametrize("n,k,g", [(12, 1, 2), (60, 3, 5), (96, 2, 16), (48, 8, 3)])
 def test_triton_matches_float64_reference(device, estimator, n, k, g):
     if not triton_available(device):

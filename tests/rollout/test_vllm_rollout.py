@@ -223,6 +223,27 @@ def test_sampling_logprobs_match_trainer_logprobs(engine, setup):
 
 
 @_vllm_test
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (20, 1.0), (20, 0.9)])
+def test_truncated_sampling_importance_ratio_is_one(engine, setup, top_k, top_p):
+    """vLLM's processed log-probs are renormalised over the kept set; the trainer's token_logprobs with the same
+    top_k / top_p are the same quantity, so exp(trainer - sampling) is 1 (TRL #6789), not the kept mass."""
+    _, model, _ = setup
+    temp = 0.8
+    engine.sampling = SamplingParams(max_new_tokens=MAX_NEW, temperature=temp, top_k=top_k, top_p=top_p,
+                                     return_logprobs=True)
+    b = engine.generate(_prompts(), n=4)
+    mask = b.completion_mask.bool()
+    args = (model, b.input_ids(), b.attention_mask(), b.prompt_len)
+    trainer = token_logprobs(*args, temperature=temp, top_k=top_k, top_p=top_p).logprobs.detach()
+    ratio = torch.exp(trainer - b.sampling_logprobs)[mask]
+    full = torch.exp(token_logprobs(*args, temperature=temp).logprobs.detach() - b.sampling_logprobs)[mask]
+    print(f"top_k={top_k} top_p={top_p}: max |ratio - 1| {(ratio - 1).abs().max():.2e}; "
+          f"full-softmax ratio mean {full.mean():.4f}")
+    assert (ratio - 1).abs().max() < 1e-5
+    assert full.mean() < 0.99  # what the full softmax would have given: the kept mass
+
+
+@_vllm_test
 def test_zero3_partitioned_parameters_are_gathered_for_the_sync(engine, setup):
     from gdpo.distributed import build_engine
 
