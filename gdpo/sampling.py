@@ -10,12 +10,14 @@ ZeRO-3 shards collectively).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 import torch
 
+from gdpo.advantage import gfpo_select
 from gdpo.data import PromptBatch, PromptDataset, PromptIterator, collate
+from gdpo.rewards.lengths import truncate_rewards
 from gdpo.rollout.types import RolloutBatch, RolloutEngine, timing_stats
 
 
@@ -88,7 +90,8 @@ class _Round:
         return _Round(self.rollout.select_groups(idx), self.rewards[rows], [self.prompts[i] for i in rows.tolist()])
 
 
-def _generate_and_score(engine: RolloutEngine, bank: Scorer, pb: PromptBatch, g: int, out: StepBatch) -> _Round:
+def _generate_and_score(engine: RolloutEngine, bank: Scorer, pb: PromptBatch, g: int, out: StepBatch,
+                        truncated_value: float | None = None) -> _Round:
     t0 = time.perf_counter()
     rb = engine.generate(pb.prompt_ids, g)
     out.generate_s += time.perf_counter() - t0
@@ -108,7 +111,8 @@ def _generate_and_score(engine: RolloutEngine, bank: Scorer, pb: PromptBatch, g:
         out.reward_errors[name] = out.reward_errors.get(name, 0) + res.errors.get(name, 0)
         out.reward_timeouts[name] = out.reward_timeouts.get(name, 0) + res.timeouts.get(name, 0)
         out.reward_memory_kills[name] = out.reward_memory_kills.get(name, 0) + res.memory.get(name, 0)
-    return _Round(rb, res.matrix, prompts)
+    matrix = res.matrix if truncated_value is None else truncate_rewards(res.matrix, rb.truncated, truncated_value)
+    return _Round(rb, matrix, prompts)
 
 
 def collect_batch(
@@ -122,6 +126,7 @@ def collect_batch(
     dynamic_sampling: bool = False,
     max_rounds: int = 1,
     any_rank: Callable[[bool], bool] = bool,
+    truncated_value: float | None = None,
 ) -> StepBatch:
     """Generate and score P_local prompts x G rollouts on this rank.
 
@@ -137,7 +142,7 @@ def collect_batch(
     n_kept = 0
     while True:
         out.rounds += 1
-        rnd = _generate_and_score(engine, bank, next_prompts(), group_size, out)
+        rnd = _generate_and_score(engine, bank, next_prompts(), group_size, out, truncated_value)
         if not dynamic_sampling:
             kept, n_kept = [rnd], rnd.rollout.num_prompts
             break
@@ -171,3 +176,13 @@ def collect_batch(
         lengths = torch.tensor([out.rollout_stats.get("rollout/completion_tokens", 0.0)])
         out.rollout_stats.update(timing_stats(secs, lengths))
     return out
+
+
+def gfpo_filter(sb: StepBatch, keep: int, metric: str, weights) -> StepBatch:
+    """GFPO: keep ``keep`` rollouts of each prompt's group (``gfpo_select``); the batch's group size becomes keep."""
+    idx = gfpo_select(sb.rewards, sb.rollout.completion_lengths, sb.rollout.group_size, keep, metric,
+                      weights=weights)  # [P * keep]
+    sb.rollout = replace(sb.rollout.rows(idx), group_size=keep)
+    sb.rewards = sb.rewards[idx]
+    sb.prompt_texts = [sb.prompt_texts[i] for i in idx.tolist()]
+    return sb

@@ -169,7 +169,9 @@ def setup(cfg: Config) -> TrainContext:
     run_dir = Path(cfg.train.run_dir)
     resume_from = claim_run_dir(cfg, run_dir)
     seed_everything(cfg.train.seed)  # the same on every rank: identical initial weights and data order
-    plan = plan_batches(prompts_per_step=cfg.rollout.prompts_per_step, group_size=cfg.rollout.group_size,
+    # the update trains on the rollouts GFPO keeps (advantage.gfpo_keep of each prompt's group_size), if on
+    plan = plan_batches(prompts_per_step=cfg.rollout.prompts_per_step,
+                        group_size=cfg.advantage.gfpo_keep or cfg.rollout.group_size,
                         world_size=info.world_size, minibatch_size=cfg.loss.minibatch_size,
                         micro_batch_size=cfg.loss.micro_batch_size, epochs=cfg.loss.epochs,
                         max_tokens_per_micro_batch=cfg.loss.max_tokens_per_micro_batch)
@@ -207,6 +209,10 @@ def setup(cfg: Config) -> TrainContext:
         rollout=rollout, bank=bank, prompts=RankPrompts(dataset, order, info.rank, plan.prompts_per_rank),
         logger=logger, start_step=start_step,
         loss_kwargs=dict(eps_low=cfg.loss.eps_low, eps_high=cfg.loss.eps_high, aggregation=cfg.loss.aggregation,
-                         beta=cfg.loss.beta, max_len=cfg.rollout.max_new_tokens),
-        adv_kwargs=dict(estimator=ac.estimator, eps=ac.eps, aggregate=ac.aggregate, group_std=ac.group_std),
+                         beta=cfg.loss.beta, max_len=cfg.rollout.max_new_tokens,
+                         importance_level=cfg.loss.importance_level, objective=cfg.loss.objective,
+                         cispo_eps_max=cfg.loss.cispo_eps_max, sapo_tau_pos=cfg.loss.sapo_tau_pos,
+                         sapo_tau_neg=cfg.loss.sapo_tau_neg),
+        adv_kwargs=dict(estimator=ac.estimator, eps=ac.eps, aggregate=ac.aggregate, group_std=ac.group_std,
+                        baseline=ac.baseline),
     )

@@ -25,7 +25,7 @@ from gdpo import distributed as dist
 from gdpo.advantage import compute_advantages
 from gdpo.config import Config
 from gdpo.metrics import step_metrics
-from gdpo.sampling import StepBatch, collect_batch
+from gdpo.sampling import StepBatch, collect_batch, gfpo_filter
 from gdpo.setup import TrainContext, setup
 from gdpo.update import TrainTensors, frozen_logprobs, update_policy
 
@@ -46,7 +46,9 @@ def train(cfg: Config) -> dict[str, float]:
     """Run training as configured; returns the last step's metrics (reduced over ranks)."""
     ctx = setup(cfg)
     rc, ac, lc, G = cfg.rollout, cfg.advantage, cfg.loss, cfg.rollout.group_size
-    lp_kwargs = dict(temperature=rc.temperature, chunk_size=cfg.model.logprob_chunk_size)
+    # the trainer's log-probs use the sampler's truncation too (top-k / top-p): the IS ratio compares like with like
+    lp_kwargs = dict(temperature=rc.temperature, chunk_size=cfg.model.logprob_chunk_size, top_p=rc.top_p,
+                     top_k=rc.top_k)
     last: dict[str, float] = {}
     try:
         for step in range(ctx.start_step + 1, cfg.train.steps + 1):
@@ -55,16 +57,18 @@ def train(cfg: Config) -> dict[str, float]:
             sb = collect_batch(ctx.rollout, ctx.bank, ctx.prompts.next, group_size=G,
                                prompts_per_rank=ctx.plan.prompts_per_rank, pad_id=ctx.rollout.pad_id,
                                dynamic_sampling=rc.dynamic_sampling, max_rounds=rc.dynamic_sampling_max_rounds,
-                               any_rank=dist.any_rank)
+                               any_rank=dist.any_rank, truncated_value=cfg.rewards.truncated_value)
             clock.update(generate=sb.generate_s, reward=sb.reward_s)
+            if ac.gfpo_keep:  # GFPO: keep gfpo_keep of each group's G; the group statistics use those only
+                sb = gfpo_filter(sb, ac.gfpo_keep, ac.gfpo_metric, ctx.bank.weights)
             # 2. advantages: groups are rank-local; GDPO's batch moments are summed over ranks
             with clock("advantage"):
-                adv = compute_advantages(sb.rewards.to(ctx.device), G, weights=ctx.bank.weights,
+                adv = compute_advantages(sb.rewards.to(ctx.device), sb.rollout.group_size, weights=ctx.bank.weights,
                                          batch_norm=ac.batch_norm, backend=ac.backend,
                                          reduce_moments=_sum_moments if ctx.info.world_size > 1 else None,
                                          **ctx.adv_kwargs)  # [N] float32
             # 3. frozen log-probs: old (only with several optimizer steps per step) and reference
-            x = TrainTensors.from_rollout(sb.rollout, ctx.device)
+            x = TrainTensors.from_rollout(sb.rollout, ctx.device, mask_truncated=lc.mask_truncated)
             with clock("logprobs"):
                 frozen = frozen_logprobs(ctx.policy, ctx.ref_model, x, need_old=not ctx.plan.reuse_current_logprobs,
                                          plan=ctx.plan, **lp_kwargs)

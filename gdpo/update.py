@@ -32,9 +32,10 @@ class TrainTensors:
     completion_mask: torch.Tensor  # [N, T] float
     prompt_len: int  # P
     sampling_logprobs: torch.Tensor | None  # [N, T] the engine's log-probs of the sampled tokens, if kept
+    truncated: torch.Tensor | None = None  # [N] bool: rows the loss drops (loss.mask_truncated); None = none
 
     @staticmethod
-    def from_rollout(batch: RolloutBatch, device: torch.device) -> "TrainTensors":
+    def from_rollout(batch: RolloutBatch, device: torch.device, mask_truncated: bool = False) -> "TrainTensors":
         logps = batch.sampling_logprobs
         return TrainTensors(
             input_ids=batch.input_ids().to(device),
@@ -42,7 +43,14 @@ class TrainTensors:
             completion_mask=batch.completion_mask.to(device).float(),
             prompt_len=batch.prompt_len,
             sampling_logprobs=None if logps is None else logps.to(device),
+            truncated=batch.truncated.to(device) if mask_truncated else None,
         )
+
+    def loss_mask(self) -> torch.Tensor:
+        """[N, T] the tokens the loss counts: the completion mask without the dropped (truncated) rows."""
+        if self.truncated is None:
+            return self.completion_mask
+        return self.completion_mask * (~self.truncated).float().unsqueeze(1)
 
 
 @dataclass
@@ -60,6 +68,8 @@ def frozen_logprobs(
     plan: BatchPlan,
     temperature: float,
     chunk_size: int,
+    top_p: float = 1.0,
+    top_k: int = 0,
 ) -> FrozenLogprobs:
     """No-grad log-probs of the completions under the policy (only when ``need_old``) and the reference, in the
     plan's micro-batches (fixed or token-budget ones)."""
@@ -67,7 +77,8 @@ def frozen_logprobs(
 
     def run(model: torch.nn.Module) -> torch.Tensor:
         return token_logprobs_batched(model, x.input_ids, x.attention_mask, x.prompt_len, micro_batches=micros,
-                                      temperature=temperature, chunk_size=chunk_size).logprobs
+                                      temperature=temperature, chunk_size=chunk_size, top_p=top_p,
+                                      top_k=top_k).logprobs
 
     return FrozenLogprobs(
         old=run(policy) if need_old else None,
@@ -156,7 +167,8 @@ def _is_weights(old: torch.Tensor, samp: torch.Tensor | None, mask: torch.Tensor
 
 def _micro_step(engine, x: TrainTensors, rows: torch.Tensor, advantages: torch.Tensor, frozen: FrozenLogprobs, *,
                 num_tokens: float, scale: float | None, report: float, loss_kwargs: dict[str, Any],
-                temperature: float, chunk_size: int, is_correction: bool, is_cap: float):
+                temperature: float, chunk_size: int, is_correction: bool, is_cap: float, top_p: float = 1.0,
+                top_k: int = 0):
     """Forward, loss, backward and (at the boundary) optimizer step of one micro-batch, trimmed to its longest row.
 
     scale: multiply the loss before a backward without the engine's grad_accum division (None: the engine's
@@ -167,13 +179,15 @@ def _micro_step(engine, x: TrainTensors, rows: torch.Tensor, advantages: torch.T
     cols = slice(0, x.prompt_len + t)
     mask = x.completion_mask[rows, :t]
     out = dist.engine_forward(engine, token_logprobs, x.input_ids[rows, cols], x.attention_mask[rows, cols],
-                              x.prompt_len, return_entropy=True, temperature=temperature, chunk_size=chunk_size)
+                              x.prompt_len, return_entropy=True, temperature=temperature, chunk_size=chunk_size,
+                              top_p=top_p, top_k=top_k)
     old = out.logprobs.detach() if frozen.old is None else frozen.old[rows, :t]
     samp = None if x.sampling_logprobs is None else x.sampling_logprobs[rows, :t]
     is_w, gap = _is_weights(old, samp, mask, correct=is_correction, cap=is_cap)
     loss, st = policy_loss(out.logprobs, old, advantages[rows], mask, is_weights=is_w,
                            ref_logps=None if frozen.ref is None else frozen.ref[rows, :t],
-                           num_tokens=num_tokens, **loss_kwargs)
+                           num_tokens=num_tokens, truncated=None if x.truncated is None else x.truncated[rows],
+                           **loss_kwargs)
     if scale is None:
         engine.backward(loss)
     else:
@@ -201,6 +215,8 @@ def update_policy(
     chunk_size: int,
     is_correction: bool = True,
     is_cap: float = 2.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
 ) -> UpdateStats:
     """Train ``engine`` on this rank's rows: ``plan.epochs`` passes of ``plan.minibatches_per_epoch`` optimizer
     steps, each over ``plan.grad_accum`` micro-batches of ``plan.micro_batch_rows`` rows, or over token-budget
@@ -216,7 +232,7 @@ def update_policy(
     engine.module.train()
     for mb in _minibatches(len(advantages), plan, plan.epochs):
         mb = mb.to(advantages.device)
-        tokens = dist.all_reduce_sum(x.completion_mask[mb].sum().double().view(1)).item() / world
+        tokens = dist.all_reduce_sum(x.loss_mask()[mb].sum().double().view(1)).item() / world
         micros = _micro_batches(x, mb, plan)
         for i, rows in enumerate(micros):
             if budget:
@@ -226,11 +242,13 @@ def update_policy(
                 share = len(rows) / len(mb) if seq_agg else 1.0
                 values, step = _micro_step(engine, x, rows, advantages, frozen, num_tokens=tokens, scale=share,
                                            report=len(micros), loss_kwargs=loss_kwargs, temperature=temperature,
-                                           chunk_size=chunk_size, is_correction=is_correction, is_cap=is_cap)
+                                           chunk_size=chunk_size, is_correction=is_correction, is_cap=is_cap,
+                                           top_p=top_p, top_k=top_k)
             else:  # fixed micro-batches: DeepSpeed divides each loss by grad_accum and finds the boundary itself
                 values, step = _micro_step(engine, x, rows, advantages, frozen, num_tokens=tokens / plan.grad_accum,
                                            scale=None, report=1, loss_kwargs=loss_kwargs, temperature=temperature,
-                                           chunk_size=chunk_size, is_correction=is_correction, is_cap=is_cap)
+                                           chunk_size=chunk_size, is_correction=is_correction, is_cap=is_cap,
+                                           top_p=top_p, top_k=top_k)
             if step is not None:
                 stats.grad_norms.append(step.grad_norm if step.grad_norm is not None else float("nan"))
                 stats.lrs.append(step.lr)

@@ -193,6 +193,19 @@ def _generation_config(model: torch.nn.Module | None, model_path: str):
         return None
 
 
+def _process_env(on_gpu: bool, kv_cache_memory_bytes: int | None) -> int | None:
+    """Set the environment vLLM reads at start; returns the KV cache size to ask for."""
+    # Weight sync passes tensors and callables straight to the worker: the engine core must live in
+    # this process (otherwise every sync would serialise the whole model over ZMQ).
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if not on_gpu:
+        # vLLM's default binds OMP threads to cores, which would pin the trainer's threads too.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        if kv_cache_memory_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            return 1 << 30  # CPU: 1 GiB unless VLLM_CPU_KVCACHE_SPACE says otherwise
+    return kv_cache_memory_bytes
+
+
 class VLLMRolloutEngine:
     """`RolloutEngine` on a colocated `vllm.LLM`; see the module docstring for the design."""
 
@@ -238,47 +251,14 @@ class VLLMRolloutEngine:
 
         on_gpu = torch.cuda.is_available()
         self.sleep_enabled = bool(sleep) and on_gpu
-        # Weight sync passes tensors and callables straight to the worker: the engine core must live in
-        # this process (otherwise every sync would serialise the whole model over ZMQ).
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        if not on_gpu:
-            # vLLM's default binds OMP threads to cores, which would pin the trainer's threads too.
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-            if kv_cache_memory_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-                kv_cache_memory_bytes = 1 << 30
+        kv_cache_memory_bytes = _process_env(on_gpu, kv_cache_memory_bytes)
 
-        # Ranks of a multi-rank trainer: one engine each; a TP group shares one sharded engine.
-        self.world, self.rank = gd.world_size(), gd.rank()
-        self.tp = int(tensor_parallel_size)
-        if self.world % self.tp:
-            raise ValueError(
-                f"tensor_parallel_size {self.tp} must divide the trainer's world size {self.world}"
-            )
-        self._tp_group = None
-        kwargs: dict[str, Any] = {}
-        if self.world > 1:
-            kwargs["distributed_executor_backend"] = "external_launcher"
-            if self.tp > 1:
-                # every rank must create every subgroup, in the same order
-                self._tp_group = gd.new_subgroups([list(range(i, i + self.tp)) for i in range(0, self.world, self.tp)])
-            seed = seed + self.rank // self.tp  # same seed inside a TP group, different across groups
-
+        kwargs, seed = self._placement(int(tensor_parallel_size), seed)
         if dtype is None:
             dtype = next(model.parameters()).dtype
         if isinstance(dtype, torch.dtype):
             dtype = _DTYPE_NAMES.get(dtype, "auto")
-
-        # vLLM needs the tokenizer only to match stop strings; give it the trainer's own (saved to a
-        # private directory) so that it cannot disagree with the one that built the prompt ids.
-        self._tokenizer_dir = tempfile.TemporaryDirectory(prefix="gdpo-vllm-tokenizer-")
-        try:
-            tokenizer.save_pretrained(self._tokenizer_dir.name)
-            if getattr(model, "config", None) is not None:
-                # vLLM reads config.json next to a tokenizer (model_type); without one it logs errors, retries
-                model.config.save_pretrained(self._tokenizer_dir.name)
-            tokenizer_path = self._tokenizer_dir.name
-        except Exception:  # a tokenizer that cannot be saved: fall back to the one next to the weights
-            tokenizer_path = None
+        tokenizer_path = self._private_tokenizer(model, tokenizer)
 
         from vllm import LLM
 
@@ -305,6 +285,34 @@ class VLLMRolloutEngine:
         if self.sleep_enabled:
             # The trainer still has to build its optimizer etc.; the first generate pushes the weights.
             self._sleep()
+
+    def _placement(self, tp: int, seed: int) -> tuple[dict[str, Any], int]:
+        """Ranks of a multi-rank trainer: one engine each; a TP group shares one sharded engine. Returns the
+        vllm.LLM placement keyword arguments and this engine's seed (the same inside a TP group, different
+        across groups, so data-parallel ranks sample differently)."""
+        self.world, self.rank, self.tp = gd.world_size(), gd.rank(), tp
+        if self.world % self.tp:
+            raise ValueError(f"tensor_parallel_size {self.tp} must divide the trainer's world size {self.world}")
+        self._tp_group = None
+        if self.world == 1:
+            return {}, seed
+        if self.tp > 1:  # every rank must create every subgroup, in the same order
+            self._tp_group = gd.new_subgroups([list(range(i, i + self.tp)) for i in range(0, self.world, self.tp)])
+        return {"distributed_executor_backend": "external_launcher"}, seed + self.rank // self.tp
+
+    def _private_tokenizer(self, model, tokenizer) -> str | None:
+        """vLLM needs the tokenizer only to match stop strings; give it the trainer's own (saved to a private
+        directory) so that it cannot disagree with the one that built the prompt ids. None: the one next to
+        the weights (a tokenizer that cannot be saved)."""
+        self._tokenizer_dir = tempfile.TemporaryDirectory(prefix="gdpo-vllm-tokenizer-")
+        try:
+            tokenizer.save_pretrained(self._tokenizer_dir.name)
+            if getattr(model, "config", None) is not None:
+                # vLLM reads config.json next to a tokenizer (model_type); without one it logs errors, retries
+                model.config.save_pretrained(self._tokenizer_dir.name)
+            return self._tokenizer_dir.name
+        except Exception:  # noqa: BLE001
+            return None
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
