@@ -394,6 +394,27 @@ def prompt_token_limit(
     return room if max_prompt_tokens is None else min(max_prompt_tokens, room)
 
 
+def _tokenize(kept: list, tokenizer, use_chat_template: bool, count, *, context_room: int | None,
+              limit: int | None, why_context: str, why_limit: str) -> list[PromptExample]:
+    """Tokenize the rendered prompts (one batched, Rust-side call) and drop, counted, those that do not fit:
+    never truncated. The chat template already wrote any BOS."""
+    texts = [t for _, t, _, _ in kept]
+    ids = tokenizer(texts, add_special_tokens=not use_chat_template)["input_ids"] if texts else []
+    examples = []
+    for (i, text, answer, extras), prompt_ids in zip(kept, ids):
+        n = len(prompt_ids)
+        if context_room is not None and n > context_room:
+            count(i, "prompt_exceeds_context", f"{n} tokens + {why_context}")
+            continue
+        if limit is not None and n > limit:
+            count(i, "prompt_too_long", f"{n} > {why_limit}")
+            continue
+        examples.append(
+            PromptExample(row=i, prompt_ids=list(prompt_ids), prompt_text=text, answer=answer, extras=extras)
+        )
+    return examples
+
+
 def build_prompt_dataset(
     rows: Sequence[Any],
     tokenizer,
@@ -457,22 +478,9 @@ def build_prompt_dataset(
                              use_chat_template=use_chat_template)
         kept.append((i, text, answer, extras))
 
-    # One batched (Rust-side) tokenizer call for all prompts. The chat template already wrote any BOS.
-    texts = [t for _, t, _, _ in kept]
-    ids = tokenizer(texts, add_special_tokens=not use_chat_template)["input_ids"] if texts else []
-    examples = []
-    for (i, text, answer, extras), prompt_ids in zip(kept, ids):
-        n = len(prompt_ids)
-        if context_room is not None and n > context_room:
-            count(i, "prompt_exceeds_context", f"{n} tokens + rollout.max_new_tokens {max_new_tokens} > the "
-                                               f"model's context {context_length}")
-            continue
-        if limit is not None and n > limit:
-            count(i, "prompt_too_long", f"{n} > data.max_prompt_tokens {max_prompt_tokens}")
-            continue
-        examples.append(
-            PromptExample(row=i, prompt_ids=list(prompt_ids), prompt_text=text, answer=answer, extras=extras)
-        )
+    examples = _tokenize(kept, tokenizer, use_chat_template, count, context_room=context_room, limit=limit,
+                         why_context=f"rollout.max_new_tokens {max_new_tokens} > the model's context {context_length}",
+                         why_limit=f"data.max_prompt_tokens {max_prompt_tokens}")
 
     if skipped and on_error == "error":
         raise ValueError(f"{sum(skipped.values())} bad rows {dict(skipped)} (data.on_bad_row: error); first: "

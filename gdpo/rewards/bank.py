@@ -609,45 +609,18 @@ class RewardBank:
         return tasks
 
     def _run(self, prompts, completions, lengths, columns, raw, seconds, errors, timeouts, memory) -> None:
+        """Spread the (reward, row range) tasks over the workers; every task ends scored, failed or timed out."""
         self.start()
         tasks = self._tasks(len(completions))
         idle = list(self._workers)
         busy: list[_Worker] = []
+        tally = (raw, seconds, errors, timeouts, memory)
+        inputs = (prompts, completions, lengths, columns)
         send_failures = 0
         ok = False
         try:
             while tasks or busy:
-                while tasks and idle:
-                    w = idle.pop()
-                    k, a, b = tasks.popleft()
-                    self._task_id += 1
-                    msg = (
-                        self._task_id,
-                        k,
-                        prompts[a:b],
-                        completions[a:b],
-                        None if lengths is None else lengths[a:b],
-                        {key: col[a:b] for key, col in columns.items()},
-                        self.kwargs[k],
-                    )
-                    try:
-                        w.conn.send(msg)
-                    except (BrokenPipeError, ConnectionError, EOFError, OSError) as e:
-                        # The worker died while idle: not this task's fault, so retry it on a new one.
-                        idle.append(self._replace(w))
-                        send_failures += 1
-                        if send_failures > 2 * self.num_workers:
-                            self._fail(k, a, b, raw, errors, f"could not reach a worker: {e!r}")
-                        else:
-                            tasks.appendleft((k, a, b))
-                        continue
-                    except Exception as e:  # noqa: BLE001 - the rows themselves do not pickle
-                        self._fail(k, a, b, raw, errors, f"its inputs could not be sent to a worker: {e!r}")
-                        idle.append(w)
-                        continue
-                    now = time.monotonic()
-                    w.task = (self._task_id, k, a, b, now + self.timeout_s, now)
-                    busy.append(w)
+                send_failures = self._dispatch(tasks, idle, busy, inputs, tally, send_failures)
                 if not busy:
                     continue
                 wait_s = max(0.0, min(w.task[4] for w in busy) - time.monotonic())  # type: ignore[index]
@@ -656,50 +629,82 @@ class RewardBank:
                 ready = set(_wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], wait_s))
                 now = time.monotonic()
                 for w in list(busy):
-                    task_id, k, a, b, deadline, t0 = w.task  # type: ignore[misc]
-                    if w.conn in ready or w.proc.sentinel in ready:
-                        try:
-                            reply = w.conn.recv() if w.conn.poll() else None
-                        except (EOFError, OSError):
-                            reply = None
-                        busy.remove(w)
-                        if reply is None or reply[0] != task_id:
-                            w.proc.join(1.0)  # reap it, to report how it ended
-                            code = w.proc.exitcode
-                            seconds[self.names[k]] += now - t0
-                            self._fail(k, a, b, raw, errors, f"its worker died (exit code {code})")
-                            idle.append(self._replace(w))
-                            continue
-                        w.task = None
-                        idle.append(w)
-                        _, status, payload, dt = reply
-                        seconds[self.names[k]] += dt
-                        if status == "ok":
-                            try:
-                                raw[a:b, k] = _to_values(payload, b - a)
-                            except ValueError as e:
-                                self._fail(k, a, b, raw, errors, f"bad output: {e}")
-                        elif status == "memory":
-                            self._fail(k, a, b, raw, memory, f"went over worker_memory_mb={self.worker_memory_mb}")
-                            idle.remove(w)
-                            idle.append(self._replace(w))  # its heap is spent: start clean
-                        else:
-                            self._fail(k, a, b, raw, errors, f"raised an exception:\n{payload}")
-                    elif self.worker_memory_mb and _private_mb(w.proc.pid) > self.worker_memory_mb:
-                        busy.remove(w)
-                        seconds[self.names[k]] += now - t0
-                        what = f"its worker went over worker_memory_mb={self.worker_memory_mb}"
-                        self._fail(k, a, b, raw, memory, what)
-                        idle.append(self._replace(w))
-                    elif now >= deadline:
-                        busy.remove(w)
-                        seconds[self.names[k]] += now - t0
-                        what = f"a call on {b - a} rollouts exceeded {self.timeout_s}s"
-                        self._fail(k, a, b, raw, timeouts, what)
-                        idle.append(self._replace(w))
+                    self._check(w, ready, now, busy, idle, tally)
             ok = True
         finally:
             if not ok:
                 # Interrupted mid-batch (Ctrl-C...): results still in flight would confuse the next batch.
                 for w in busy:
                     self._replace(w)
+
+    def _dispatch(self, tasks: deque, idle: list, busy: list, inputs: tuple, tally: tuple, send_failures: int) -> int:
+        """Send tasks to idle workers; returns the running count of failed sends."""
+        prompts, completions, lengths, columns = inputs
+        raw, errors = tally[0], tally[2]
+        while tasks and idle:
+            w = idle.pop()
+            k, a, b = tasks.popleft()
+            self._task_id += 1
+            msg = (self._task_id, k, prompts[a:b], completions[a:b], None if lengths is None else lengths[a:b],
+                   {key: col[a:b] for key, col in columns.items()}, self.kwargs[k])
+            try:
+                w.conn.send(msg)
+            except (BrokenPipeError, ConnectionError, EOFError, OSError) as e:
+                # The worker died while idle: not this task's fault, so retry it on a new one.
+                idle.append(self._replace(w))
+                send_failures += 1
+                if send_failures > 2 * self.num_workers:
+                    self._fail(k, a, b, raw, errors, f"could not reach a worker: {e!r}")
+                else:
+                    tasks.appendleft((k, a, b))
+                continue
+            except Exception as e:  # noqa: BLE001 - the rows themselves do not pickle
+                self._fail(k, a, b, raw, errors, f"its inputs could not be sent to a worker: {e!r}")
+                idle.append(w)
+                continue
+            now = time.monotonic()
+            w.task = (self._task_id, k, a, b, now + self.timeout_s, now)
+            busy.append(w)
+        return send_failures
+
+    def _check(self, w: _Worker, ready: set, now: float, busy: list, idle: list, tally: tuple) -> None:
+        """One busy worker: take its reply, or fail its task (died, over its memory cap, past the timeout)."""
+        raw, seconds, errors, timeouts, memory = tally
+        task_id, k, a, b, deadline, t0 = w.task  # type: ignore[misc]
+        if w.conn in ready or w.proc.sentinel in ready:
+            try:
+                reply = w.conn.recv() if w.conn.poll() else None
+            except (EOFError, OSError):
+                reply = None
+            busy.remove(w)
+            if reply is None or reply[0] != task_id:
+                w.proc.join(1.0)  # reap it, to report how it ended
+                seconds[self.names[k]] += now - t0
+                self._fail(k, a, b, raw, errors, f"its worker died (exit code {w.proc.exitcode})")
+                idle.append(self._replace(w))
+                return
+            w.task = None
+            _, status, payload, dt = reply
+            seconds[self.names[k]] += dt
+            if status == "ok":
+                try:
+                    raw[a:b, k] = _to_values(payload, b - a)
+                except ValueError as e:
+                    self._fail(k, a, b, raw, errors, f"bad output: {e}")
+                idle.append(w)
+            elif status == "memory":
+                self._fail(k, a, b, raw, memory, f"went over worker_memory_mb={self.worker_memory_mb}")
+                idle.append(self._replace(w))  # its heap is spent: start clean
+            else:
+                self._fail(k, a, b, raw, errors, f"raised an exception:\n{payload}")
+                idle.append(w)
+        elif self.worker_memory_mb and _private_mb(w.proc.pid) > self.worker_memory_mb:
+            busy.remove(w)
+            seconds[self.names[k]] += now - t0
+            self._fail(k, a, b, raw, memory, f"its worker went over worker_memory_mb={self.worker_memory_mb}")
+            idle.append(self._replace(w))
+        elif now >= deadline:
+            busy.remove(w)
+            seconds[self.names[k]] += now - t0
+            self._fail(k, a, b, raw, timeouts, f"a call on {b - a} rollouts exceeded {self.timeout_s}s")
+            idle.append(self._replace(w))

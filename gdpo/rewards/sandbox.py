@@ -134,6 +134,65 @@ def _decode(b: bytes) -> str:
     return b.decode("utf-8", errors="replace")
 
 
+# The program's whole environment: nothing of the trainer's (no tokens, no paths) reaches it.
+_PROGRAM_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "HOME": "/tmp",
+    "TMPDIR": "/tmp",
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+
+
+def _write_inputs(tmpdir: str, source: str, stdin: str, files: Optional[Mapping[str, str]]) -> None:
+    """main.py, .stdin and the extra files into the run's private directory."""
+
+    def enc(s: str) -> bytes:  # lone surrogates (binary junk) become U+FFFD instead of raising
+        return s.encode("utf-8", errors="surrogatepass").decode("utf-8", errors="replace").encode()
+
+    with open(os.path.join(tmpdir, "main.py"), "wb") as f:
+        f.write(enc(source))
+    with open(os.path.join(tmpdir, ".stdin"), "wb") as f:
+        f.write(enc(stdin))
+    for name, text in (files or {}).items():
+        with open(os.path.join(tmpdir, os.path.basename(name)), "wb") as f:
+            f.write(enc(text))
+    os.chmod(tmpdir, 0o700)
+
+
+def _finish(launcher, out_r: int, err_r: int, status_r: int, t0: float, wall_s: float,
+            max_output_bytes: int) -> SandboxResult:
+    """Read the program's output until it ends or the wall clock runs out, stop it, and report."""
+    out, err, timed_out, truncated = _collect(out_r, err_r, t0 + wall_s, max_output_bytes)
+    if not (timed_out or truncated):
+        # Both streams closed, but the program may have closed them itself and still be running.
+        try:
+            launcher.wait(timeout=max(0.0, t0 + wall_s - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+    if timed_out or truncated:
+        _stop(launcher)
+    launcher.wait()
+    status = _read_all(status_r)
+    info = json.loads(status) if status else {}
+    rc: Optional[int] = None
+    if "status" in info and not (timed_out or truncated):
+        rc = os.waitstatus_to_exitcode(info["status"])
+    return SandboxResult(
+        returncode=rc,
+        stdout=_decode(out),
+        stderr=_decode(err),
+        timed_out=timed_out,
+        output_truncated=truncated,
+        wall_s=time.monotonic() - t0,
+        cpu_s=float(info.get("cpu", 0.0)),
+        setup_error=info.get("setup_error") or (None if info or timed_out or truncated else "no status"),
+    )
+
+
 def run_python(
     source: str,
     stdin: str = "",
@@ -173,17 +232,7 @@ def run_python(
     tmpdir = tempfile.mkdtemp(prefix="gdpo-sandbox-")
     fds: list[int] = []
     try:
-        def enc(s: str) -> bytes:  # lone surrogates (binary junk) become U+FFFD instead of raising
-            return s.encode("utf-8", errors="surrogatepass").decode("utf-8", errors="replace").encode()
-
-        with open(os.path.join(tmpdir, "main.py"), "wb") as f:
-            f.write(enc(source))
-        with open(os.path.join(tmpdir, ".stdin"), "wb") as f:
-            f.write(enc(stdin))
-        for name, text in (files or {}).items():
-            with open(os.path.join(tmpdir, os.path.basename(name)), "wb") as f:
-                f.write(enc(text))
-        os.chmod(tmpdir, 0o700)
+        _write_inputs(tmpdir, source, stdin, files)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         status_r, status_w = os.pipe()
@@ -193,23 +242,13 @@ def run_python(
             # With -S a venv adds nothing, so run the interpreter it links to: a venv's bin/python is a symlink
             # that may live under /tmp (a checkout there), which the sandbox covers with the run's own directory.
             exe = os.path.realpath(exe)
-        env = {
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
-            "HOME": "/tmp",
-            "TMPDIR": "/tmp",
-            "LANG": "C.UTF-8",
-            "LC_ALL": "C.UTF-8",
-            "OMP_NUM_THREADS": "1",
-            "OPENBLAS_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-        }
         binds = _interpreter_dirs(exe, python is None, site_packages)
         spec = {
             "caller": os.getpid(),
             "tmpdir": tmpdir,
             "status_fd": status_w,
             "argv": [exe, "-I", "-B", *(() if site_packages else ("-S",)), "main.py", *args],
-            "env": env,
+            "env": dict(_PROGRAM_ENV),
             "cpu_s": cpu_s,
             "memory_mb": int(memory_mb),
             "fsize_mb": int(fsize_mb),
@@ -230,7 +269,7 @@ def run_python(
                 stderr=err_w,
                 pass_fds=(status_w,),
                 cwd=tmpdir,
-                env={"PATH": env["PATH"], "LC_ALL": "C.UTF-8"},
+                env={"PATH": _PROGRAM_ENV["PATH"], "LC_ALL": "C.UTF-8"},
                 start_new_session=True,
             )
         except OSError as e:
@@ -238,31 +277,7 @@ def run_python(
         for fd in (out_w, err_w, status_w):
             os.close(fd)
             fds.remove(fd)
-        out, err, timed_out, truncated = _collect(out_r, err_r, t0 + wall_s, max_output_bytes)
-        if not (timed_out or truncated):
-            # Both streams closed, but the program may have closed them itself and still be running.
-            try:
-                launcher.wait(timeout=max(0.0, t0 + wall_s - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                timed_out = True
-        if timed_out or truncated:
-            _stop(launcher)
-        launcher.wait()
-        status = _read_all(status_r)
-        info = json.loads(status) if status else {}
-        rc: Optional[int] = None
-        if "status" in info and not (timed_out or truncated):
-            rc = os.waitstatus_to_exitcode(info["status"])
-        return SandboxResult(
-            returncode=rc,
-            stdout=_decode(out),
-            stderr=_decode(err),
-            timed_out=timed_out,
-            output_truncated=truncated,
-            wall_s=time.monotonic() - t0,
-            cpu_s=float(info.get("cpu", 0.0)),
-            setup_error=info.get("setup_error") or (None if info or timed_out or truncated else "no status"),
-        )
+        return _finish(launcher, out_r, err_r, status_r, t0, wall_s, max_output_bytes)
     finally:
         for fd in fds:
             try:

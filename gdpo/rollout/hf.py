@@ -400,59 +400,42 @@ class HFRolloutEngine:
         if any(len(p) == 0 for p in prompt_ids):
             raise ValueError("empty prompt")
         t0 = time.perf_counter()
-        rows = [list(p) for p in prompt_ids for _ in range(n)]
         device = next(self.model.parameters()).device
         # Whole groups per generate call, so a prompt's shared prefill serves all its G rows.
-        per_call = max(1, (self.generation_batch_size or len(rows)) // n)
-
+        per_call = max(1, (self.generation_batch_size or len(prompt_ids) * n) // n)
+        groups = [[list(p) for p in prompt_ids[i : i + per_call]] for i in range(0, len(prompt_ids), per_call)]
         was_training = self.model.training
         self.model.eval()
         try:
             with _gathered_params(self.model, self.engine), _decode_attention_on(self.model):
-                parts = [
-                    self._generate_chunk([list(p) for p in prompt_ids[i : i + per_call]], n, device)
-                    for i in range(0, len(prompt_ids), per_call)
-                ]
+                parts = [self._generate_chunk(g, n, device) for g in groups]
         finally:
             self.model.train(was_training)
+        chunks = [self._as_batch(g, n, *part, device) for g, part in zip(groups, parts)]
+        batch = RolloutBatch.cat(chunks, self.pad_id)  # prompts re-padded to the global P, completions to T
+        batch.stats = timing_stats(time.perf_counter() - t0, batch.completion_lengths)
+        return batch
 
-        # Merge chunks: prompts re-padded to the global P, completions to the global T.
-        prompt_ids_t, prompt_mask = _left_pad(rows, self.pad_id)  # [N, P]
-        T = max(c.shape[1] for c, _, _, _ in parts)
-        N = len(rows)
-        completion_ids = torch.full((N, T), self.pad_id, dtype=torch.long, device=device)
-        lengths = torch.empty(N, dtype=torch.long, device=device)
-        truncated = torch.empty(N, dtype=torch.bool, device=device)
-        logprobs = None if not self.sampling.return_logprobs else torch.zeros((N, T), device=device)
-        r = 0
-        for comp, lens, trunc, lps in parts:
-            k, Tc = comp.shape
-            completion_ids[r : r + k, :Tc] = comp
-            lengths[r : r + k] = lens
-            truncated[r : r + k] = trunc
-            if logprobs is not None:
-                logprobs[r : r + k, :Tc] = lps
-            r += k
-        completion_mask = (torch.arange(T, device=device)[None, :] < lengths[:, None]).long()  # [N, T]
-        # Tokens after a row's end are whatever generate padded with; make them pad_id / 0 explicitly.
-        completion_ids = torch.where(
-            completion_mask.bool(), completion_ids, torch.full_like(completion_ids, self.pad_id)
-        )
+    def _as_batch(self, prompts: list[list[int]], n: int, completion: torch.Tensor, lengths: torch.Tensor,
+                  truncated: torch.Tensor, logprobs: torch.Tensor | None, device: torch.device) -> RolloutBatch:
+        """One chunk's RolloutBatch: prompts left-padded, tokens after each row's end set to pad_id / 0."""
+        prompt_ids, prompt_mask = _left_pad([p for p in prompts for _ in range(n)], self.pad_id)  # [u*n, P]
+        T = completion.shape[1]
+        completion_mask = (torch.arange(T, device=device)[None, :] < lengths[:, None]).long()  # [u*n, T]
+        completion = torch.where(completion_mask.bool(), completion, torch.full_like(completion, self.pad_id))
         if logprobs is not None:
             logprobs = torch.where(completion_mask.bool(), logprobs, torch.zeros_like(logprobs))
-        ids_list = completion_ids.tolist()
         texts = self.tokenizer.batch_decode(
-            [ids[:L] for ids, L in zip(ids_list, lengths.tolist())], skip_special_tokens=True
+            [ids[:L] for ids, L in zip(completion.tolist(), lengths.tolist())], skip_special_tokens=True
         )
         return RolloutBatch(
-            prompt_ids=prompt_ids_t.to(device),
+            prompt_ids=prompt_ids.to(device),
             prompt_mask=prompt_mask.to(device),
-            completion_ids=completion_ids,
+            completion_ids=completion,
             completion_mask=completion_mask,
             completion_lengths=lengths,
             truncated=truncated,
             completion_texts=texts,
             group_size=n,
             sampling_logprobs=logprobs,
-            stats=timing_stats(time.perf_counter() - t0, lengths),
         )
