@@ -176,7 +176,7 @@ def _check_tool_args(a: argparse.Namespace, runs) -> bool:
     if not tool:
         return False
     if len(tool) == len(runs):
-        for flag, unset in (("--prompt-template", a.prompt_template == DEFAULT_PROMPT_TEMPLATE),
+        for flag, unset in (("--prompt-template", a.prompt_template is None),
                             ("--system-prompt", a.system_prompt is None), ("--fallbacks", a.fallbacks is None)):
             if not unset:
                 raise EvalInputError(f"{flag} applies to math benchmarks only; the tool-calling benchmarks use "

@@ -384,7 +384,7 @@ def _load_code_problems(b: Benchmark, data_dir: str | os.PathLike | None, hub: b
     """(problems, where): MBPP's test split from the data directory (or the hub), HumanEval from its package."""
     if b.name == "humaneval":
         rows = read_humaneval()
-        return [Problem(r["task_id"], r["prompt"], (), r["prompt"] + r["canonical_solution"], dict(r))
+        return [Problem(r["task_id"], r["prompt"], (), r["prompt"] + r["canonical_solution"], dict(r), task="code")
                 for r in rows], str(humaneval_file())
     where, from_hub = benchmark_source(b, data_dir, hub)
     if from_hub:
@@ -395,7 +395,7 @@ def _load_code_problems(b: Benchmark, data_dir: str | os.PathLike | None, hub: b
             raise EvalInputError(f"benchmark {b.name!r}: data file {path} not found (set --data-dir or "
                                  f"{DATA_DIR_ENV} to the directory holding {b.filename})")
         rows = [r for r in _read_jsonl(path, b.name) if r.get("split", "test") == "test"]
-    problems = [Problem(str(r["task_id"]), str(r["text"]), (), str(r["code"]), dict(r)) for r in rows]
+    problems = [Problem(str(r["task_id"]), str(r["text"]), (), str(r["code"]), dict(r), task="code") for r in rows]
     if not problems:
         raise EvalInputError(f"benchmark {b.name!r}: {where} has no test-split rows")
     return problems, where

@@ -233,7 +233,7 @@ def test_hub_rows_are_mapped_per_benchmark():
 def test_local_files_load_with_every_accepted_answer():
     from gdpo.eval.benchmarks import BENCHMARKS, load_problems
 
-    counts = {name: len(load_problems(b, DATA)) for name, b in BENCHMARKS.items() if b.task == "math"}
+    counts = {name: len(load_problems(b, DATA)) for name, b in BENCHMARKS.items() if b.task in ("math", "code")}
     assert counts == {"aime24": 30, "aime25": 30, "amc23": 40, "amc": 83, "math500": 500, "minerva": 272,
                       "olympiad": 675, "gsm8k": 1319, "mbpp": 500, "humaneval": 164}
     minerva = {p.id: p.references for p in load_problems(BENCHMARKS["minerva"], DATA)}

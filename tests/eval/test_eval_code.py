@@ -42,7 +42,7 @@ def test_mbpp_341_reference_fails_its_own_tests():
 
     p = next(p for p in load_problems(BENCHMARKS["mbpp"], SHARED) if p.id == "341")
     _, correct, clusters, bug = grade_code_samples(code_tests(p), [p.solution], 5.0)
-    assert correct == [False] and bug == [False] and clusters == [-1]
+    assert correct == [False] and bug == [{"bug": False}] and clusters == [-1]
 
 
 @needs_mbpp
