@@ -37,7 +37,7 @@ class TrainContext:
     run_dir: Path
     tokenizer: Any
     engine: Any  # the DeepSpeed engine around the policy
-    ref_model: torch.nn.Module | None  # None when loss.beta == 0
+    ref_model: Any  # nn.Module, AdapterOffReference (LoRA: the policy, adapters off) or None when loss.beta == 0
     rollout: RolloutEngine
     bank: RewardBank
     prompts: RankPrompts
@@ -94,11 +94,25 @@ def load_models(cfg: Config, model_path: str, device: torch.device):
         raise ConfigError(f"model.tokenizer: cannot load {mc.tokenizer or model_path!r} ({e})") from None
     kwargs = dict(dtype=resolve_dtype(mc.dtype), device=device, attn_implementation=mc.attn_implementation,
                   trust_remote_code=mc.trust_remote_code)
+    lora = mc.lora.r > 0
     try:
         model = load_causal_lm(model_path, gradient_checkpointing=mc.gradient_checkpointing, **kwargs)
-        ref_model = load_reference_model(mc.ref_name_or_path or model_path, beta=cfg.loss.beta, **kwargs)
+        # LoRA without ref_name_or_path: the reference is the policy with its adapters off (no second copy)
+        ref_model = None if lora and not mc.ref_name_or_path else load_reference_model(
+            mc.ref_name_or_path or model_path, beta=cfg.loss.beta, **kwargs)
     except OSError as e:
         raise ConfigError(f"model.name_or_path: cannot load {model_path!r} ({e})") from None
+    if lora:
+        from gdpo.policy.lora import AdapterOffReference, apply_lora
+
+        lc = mc.lora
+        try:
+            model = apply_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules,
+                               bias=lc.bias)
+        except ValueError as e:
+            raise ConfigError(f"model.lora.target_modules: {e}") from None
+        if ref_model is None and cfg.loss.beta != 0:
+            ref_model = AdapterOffReference(model)
     return tokenizer, model, ref_model
 
 
