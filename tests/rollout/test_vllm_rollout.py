@@ -339,3 +339,59 @@ def test_three_training_steps_with_the_vllm_backend(setup, tmp_path):
             "sampling/logprob_gap"
         ]  # 1.76 here when the sync is skipped
         assert r["weight_sync/seconds"] > 0 and r["weight_sync/mb"] == pytest.approx(0.43, abs=0.01)
+
+
+# ---------------------------------------------------------------------------------------------- LoRA (PEFT) policy
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _adapter_step(peft_model, seed: int, std: float = 0.3) -> None:
+    """What an optimizer step does to a LoRA policy: only the adapter parameters change."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+@_vllm_test
+def test_lora_policy_syncs_merged_and_vllm_follows_the_adapter_every_step(engine, setup):
+    from gdpo.distributed import build_engine
+    from gdpo.policy.lora import apply_lora
+
+    _, model, _ = setup
+    peft = apply_lora(copy.deepcopy(model), r=4, alpha=8.0, dropout=0.0, target_modules=LORA_TARGETS).eval()
+    engine.sync_weights(peft)  # B = 0: the base model
+    prev = engine.generate(_prompts(), n=1)
+    _assert_same_rollout(prev, _hf(model, n=1))
+    base_mb = sum(p.numel() * 4 for p in model.parameters()) / 1e6
+    for step in (1, 2):
+        _adapter_step(peft, seed=step)
+        engine.sync_weights(peft)
+        now = engine.generate(_prompts(), n=1)
+        _assert_same_rollout(now, _hf(peft, n=1))  # the hf backend runs base + B(A(x)) * scaling
+        assert now.completion_ids.tolist() != prev.completion_ids.tolist()
+        assert engine.last_sync["weight_sync/mb"] == pytest.approx(base_mb)  # the base-model tensors, merged
+        prev = now
+    # ZeRO-3: base weights, A and B are partitioned; each chunk gathers a weight with its adapter
+    ds = build_engine(copy.deepcopy(peft), lr=1e-3, total_steps=1, zero_stage=3)
+    assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in ds.module.parameters())
+    engine.sync_weights(ds.module)
+    _assert_same_rollout(engine.generate(_prompts(), n=1), _hf(peft, n=1))
+
+
+@_vllm_test
+@pytest.mark.slow
+def test_merged_export_loads_in_vllm(setup, tmp_path):
+    """`gdpo.export --merge` of a PEFT adapter directory: a model directory vLLM starts from directly."""
+    from gdpo.export import export_merged
+    from gdpo.policy.lora import apply_lora
+
+    _, model, d = setup
+    peft = apply_lora(copy.deepcopy(model), r=4, alpha=8.0, dropout=0.0, target_modules=LORA_TARGETS).eval()
+    _adapter_step(peft, seed=5)
+    peft.save_pretrained(tmp_path / "adapter")
+    out = export_merged(tmp_path / "adapter", tmp_path / "merged", model=str(d))
+    fresh = VLLMRolloutEngine(model, TOK, GREEDY, model_path=str(out), max_model_len=512,
+                              kv_cache_memory_bytes=64 << 20, seed=0)
+    _assert_same_rollout(fresh.generate(_prompts(), n=1), _hf(peft, n=1))
