@@ -246,3 +246,16 @@ def test_bad_target_module_fails_at_start(tiny_dir, tmp_path):
     sys.path.insert(0, str(TESTS))
     with pytest.raises(ConfigError, match="model.lora.target_modules"):
         gdpo.trainer.train(_cfg(tiny_dir, tmp_path, "train.steps=1", "model.lora.target_modules=[no_such_proj]"))
+
+
+@pytest.mark.parametrize("name", ["math_gdpo", "math_grpo", "gsm8k_gdpo", "tool_gdpo", "tool_grpo"])
+def test_each_gpu_recipe_has_a_lora_config(name):
+    """configs/<recipe>_lora.yaml: the recipe's own settings, plus adapters, 10x lr and ZeRO-0."""
+    full, lora = (load_config(ROOT / f"configs/{n}.yaml") for n in (name, f"{name}_lora"))
+    assert lora.model.lora.r == 32 and lora.model.lora.alpha == 64 and full.model.lora.r == 0
+    assert lora.optim.lr == pytest.approx(10 * full.optim.lr) and lora.deepspeed.zero_stage == 0
+    assert (lora.rewards, lora.rollout, lora.advantage, lora.loss, lora.data) == (
+        full.rewards, full.rollout, full.advantage, full.loss, full.data)
+    assert lora.train.run_dir.endswith(f"{name}_lora")
+    text = (ROOT / f"configs/{name}_lora.yaml").read_text()
+    assert text.startswith(f"# deepspeed --num_gpus 8 train.py --config configs/{name}_lora.yaml\n")
