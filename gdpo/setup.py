@@ -176,11 +176,11 @@ def setup(cfg: Config) -> TrainContext:
             return_logprobs=cfg.rollout.backend != "hf" and cfg.loss.is_correction)
     except ValueError as e:
         raise ConfigError(f"rollout.backend: {e}") from None
+    if info.rank > 0:  # before resume: a resumed rank continues its own saved stream, not a fresh seed + rank
+        seed_everything(cfg.train.seed + info.rank)  # this rank's own sampling stream (see the module docstring)
     start_step = resume(cfg, run_dir, engine, order, rollout)
     logger = RunLogger.from_config(cfg.logging, run_dir, active=dist.is_main(), total_steps=cfg.train.steps,
                                    start_step=start_step, config=to_dict(cfg), reward_names=bank.names)
-    if info.rank > 0:
-        seed_everything(cfg.train.seed + info.rank)  # this rank's own sampling stream (see the module docstring)
     if dist.is_main():
         skipped = f", skipped {dataset.skipped}" if dataset.skipped else ""
         print(f"gdpo: {len(dataset)} prompts{skipped}; {cfg.rollout.prompts_per_step} prompts x "
