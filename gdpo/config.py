@@ -54,7 +54,8 @@ class LoraConfig:
     """Module names (suffixes, as PEFT matches them) that get adapters; ``[all-linear]`` = every linear layer but
     the LM head. The default covers the attention and MLP projections of Llama-family models."""
     bias: Literal["none", "all", "lora_only"] = "none"
-    """Biases trained with the adapters: none, all of the model's, or only those of adapted layers."""
+    """Biases trained with the adapters: none, all of the model's, or only those of adapted layers. Trained biases
+    change the base model, so with a KL term they need ``model.ref_name_or_path`` (refused otherwise)."""
 
 
 @dataclass
@@ -487,6 +488,10 @@ def _validate(cfg: Config) -> None:
     if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage < 1:
         raise ConfigError("deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1")
     _validate_lora(cfg.model.lora)
+    if cfg.model.lora.r and cfg.model.lora.bias != "none" and cfg.loss.beta and not cfg.model.ref_name_or_path:
+        raise ConfigError(f"model.lora.bias: {cfg.model.lora.bias!r} trains base-model biases, so the policy with its "
+                          "adapters off is no longer the initial policy the KL term needs; set model.ref_name_or_path "
+                          "(a separate reference) or model.lora.bias none")
     if cfg.checkpoint.resume not in (None, "auto") and not Path(cfg.checkpoint.resume).exists():
         raise ConfigError(f"checkpoint.resume: {cfg.checkpoint.resume!r} does not exist (use auto, null or a path)")
 

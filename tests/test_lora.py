@@ -65,6 +65,12 @@ def test_config_lora_is_typed_and_refuses_ignored_settings():
         config_from_dict({"model": {"lora": {"r": 8, "target_modules": []}}})
     with pytest.raises(ConfigError, match="model.lora.dropout"):
         config_from_dict({"model": {"lora": {"r": 8, "dropout": 1.0}}})
+    # trained biases move the base model: the adapter-off reference would not be the initial policy
+    with pytest.raises(ConfigError, match="model.lora.bias: 'all' trains base-model biases"):
+        config_from_dict({"model": {"lora": {"r": 8, "bias": "all"}}, "loss": {"beta": 0.1}})
+    assert config_from_dict({"model": {"lora": {"r": 8, "bias": "all"}, "ref_name_or_path": "x"},
+                             "loss": {"beta": 0.1}}).model.lora.bias == "all"
+    assert config_from_dict({"model": {"lora": {"r": 8, "bias": "lora_only"}}}).loss.beta == 0
 
 
 def _peft(seed=3):

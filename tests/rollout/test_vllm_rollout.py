@@ -395,3 +395,30 @@ def test_merged_export_loads_in_vllm(setup, tmp_path):
     fresh = VLLMRolloutEngine(model, TOK, GREEDY, model_path=str(out), max_model_len=512,
                               kv_cache_memory_bytes=64 << 20, seed=0)
     _assert_same_rollout(fresh.generate(_prompts(), n=1), _hf(peft, n=1))
+
+
+@_vllm_test
+@pytest.mark.slow
+def test_lora_training_steps_with_the_vllm_backend(setup, tmp_path):
+    """train.py with model.lora and rollout.backend=vllm: the engine's sampling log-probs equal the trainer's
+    (LoRA) log-probs at every step (loss.epochs=2 computes them before the update), so each step's merged sync
+    landed; the sync carries the base-model tensors only."""
+    _, _, d = setup
+    run = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "--config", "configs/tiny_gdpo.yaml", f"model.name_or_path={d}",
+           "rollout.backend=vllm", "train.steps=3", f"train.run_dir={run}", "rollout.group_size=4",
+           "rollout.prompts_per_step=2", "rollout.max_new_tokens=12", "loss.epochs=2", "loss.minibatch_size=4",
+           "optim.lr=3e-2", "loss.beta=0.1", "model.lora.r=4", "model.lora.alpha=8", "rewards.num_workers=1",
+           "logging.progress_bar=false", "logging.wandb.mode=disabled",
+           f"data.path={ROOT / 'gdpo' / 'demo' / 'train.jsonl'}", "data.max_samples=16",
+           "rewards.functions=[{name: correct, fn: math_correct}, {name: vowels, fn: 'user_rewards:vowel_fraction'}]"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["loss/kl"] > 0  # the adapters moved the policy off the (adapter-off) reference
+    for r in rows:
+        assert r["sampling/logprob_gap"] < 1e-4, r["sampling/logprob_gap"]
+        assert r["weight_sync/mb"] == pytest.approx(0.43, abs=0.01)  # merged base tensors, no adapter tensors
+    assert (run / "checkpoints" / "step_00000003" / "adapter_model.safetensors").is_file()
