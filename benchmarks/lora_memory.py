@@ -92,8 +92,7 @@ def main() -> None:
     for name, r in rows:
         d = r["peak"] - r["base"]
         print(f"| {name} | {r['peak']:.0f} | {r['base']:.0f} | {d:.0f} | {d / full:.2f} |")
-    print(f"command: OMP_NUM_THREADS=1 {Path(sys.executable).name} benchmarks/lora_memory.py"
-          + (" --quick" if a.quick else ""))
+    print("command: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lora_memory.py" + (" --quick" if a.quick else ""))
 
 
 if __name__ == "__main__":

@@ -64,3 +64,17 @@ def test_step_floor_benchmark_quick():
     floor = totals["floor (GEMMs only, all else free)"]
     assert 0 < float(floor[1]) < 1 and float(floor[2]) == pytest.approx(float(floor[1]) * 0.5, abs=0.011)
     assert "command: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_floor.py --quick" in out
+
+
+def test_lora_memory_benchmark_quick():
+    p = subprocess.run([sys.executable, "benchmarks/lora_memory.py", "--quick"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    rows = {cells[1].strip(): cells[2:6] for cells in (line.split("|") for line in p.stdout.splitlines())
+            if len(cells) == 7 and cells[2].strip().isdigit()}
+    assert set(rows) == {"full", "lora + ref copy", "lora (adapter-off ref)"}
+    for cells in rows.values():
+        peak, base, diff = (int(c) for c in cells[:3])
+        assert peak > base > 100 and abs(diff - (peak - base)) <= 1  # MiB, each rounded
+    assert rows["full"][3].strip() == "1.00"
+    assert "command: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lora_memory.py --quick" in p.stdout

@@ -103,6 +103,8 @@ def lora_linear(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
     """What a plain `nn.Linear` or a PEFT `lora.Linear` (vanilla LoRA, eval mode: no dropout) computes for x,
     as functional ops on its parameters (no module call): base GEMM + the low-rank update B(A(x)) * scaling,
     in the order and dtypes PEFT uses."""
+    if type(module) is torch.nn.Linear:  # the common case first: no attribute probing per decode step
+        return torch.nn.functional.linear(x, module.weight, module.bias)
     parts = lora_parts(module)
     if parts is None:
         return torch.nn.functional.linear(x, module.weight, module.bias)
