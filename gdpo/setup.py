@@ -139,6 +139,10 @@ def resume(cfg: Config, run_dir: Path, engine, order: PromptIterator, rollout: R
     path = ckpt.resolve_resume(cfg.checkpoint.resume, run_dir)
     if path is None:
         return 0
+    lora, has_adapter = cfg.model.lora.r > 0, (path / "adapter_config.json").is_file()
+    if lora != has_adapter:  # the DeepSpeed state would not match the parameters (LoRA loads it non-strictly)
+        raise ConfigError(f"checkpoint.resume: {path} holds {'a LoRA adapter' if has_adapter else 'full weights'}, "
+                          f"but model.lora.r is {cfg.model.lora.r}; resume with the setting it was trained with")
     state = ckpt.load_checkpoint(path, engine=engine)
     order.load_state_dict(state.data_state)
     rollout.sync_weights(engine.module)

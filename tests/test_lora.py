@@ -285,3 +285,13 @@ def test_lora_with_gradient_checkpointing_and_dropout_trains_the_adapters(tiny_d
     moved = {n for n, p in now.items() if not torch.equal(p, seen["init"][n])}
     # step 1: B = 0, so only B gets a gradient (dL/dA = B^T (...) = 0)
     assert moved and all("lora_B" in n for n in moved)
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_checkpoint_of_the_other_kind(run4, tiny_dir, tmp_path):
+    """A LoRA checkpoint resumed without model.lora (or the reverse) is refused at start, in one line."""
+    ckpt = run4["run"] / "checkpoints" / "step_00000002"
+    cfg = load_config(ROOT / "configs/tiny_gdpo.yaml", [f"model.name_or_path={tiny_dir}", f"train.run_dir={tmp_path}",
+                                                         *TINY, f"checkpoint.resume={ckpt}"])
+    with pytest.raises(ConfigError, match="holds a LoRA adapter, but model.lora.r is 0"):
+        gdpo.trainer.train(cfg)
