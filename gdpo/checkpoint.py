@@ -3,6 +3,8 @@
 One checkpoint is a directory `<run_dir>/checkpoints/step_00000012/`:
 
     config.json, model.safetensors, ...   HF weights (+ tokenizer): `from_pretrained(<that dir>)` works
+                                          (LoRA: adapter_config.json + adapter_model.safetensors instead, for
+                                          `PeftModel.from_pretrained(base, <that dir>)`; base weights not saved)
     ds/                                   DeepSpeed engine state: fp32 master weights, optimizer, LR scheduler
     rng/rank_00000.pt                     python / numpy / torch (+ CUDA) RNG states, one file per rank
     trainer_state.json                    step, data position, anything else the loop wants back
@@ -155,6 +157,14 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
+def _has_frozen(model) -> bool:
+    """A LoRA policy (PeftModel): its save is the adapter in PEFT format (`PeftModel.from_pretrained` loads it) and
+    the frozen base weights stay out of the DeepSpeed state too (they are reloaded from the base model)."""
+    from gdpo.policy.lora import is_peft_model
+
+    return is_peft_model(model)
+
+
 def save_hf_model(engine_or_model, out_dir: str | os.PathLike, *, tokenizer=None) -> None:
     """HF-format weights (+ tokenizer) in out_dir, from a DeepSpeed engine at any ZeRO stage or a plain model.
 
@@ -164,8 +174,10 @@ def save_hf_model(engine_or_model, out_dir: str | os.PathLike, *, tokenizer=None
     state_dict = None
     zero3 = getattr(engine_or_model, "zero_optimization_partition_weights", lambda: False)()
     if zero3:
-        # Gathers each partitioned parameter to rank 0, one layer at a time (None on other ranks).
-        state_dict = engine_or_model._zero3_consolidated_16bit_state_dict()
+        # Gathers each partitioned parameter to rank 0, one layer at a time (None on other ranks); a LoRA
+        # (PeftModel) save writes only the adapter, so only the trained parameters are gathered.
+        state_dict = engine_or_model._zero3_consolidated_16bit_state_dict(
+            exclude_frozen_parameters=_has_frozen(model))
     if is_main():
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -236,7 +248,8 @@ def save_checkpoint(
 
     save_hf_model(engine, tmp, tokenizer=tokenizer)
     # client_state stays empty: step and data position live in trainer_state.json, readable without torch.
-    engine.save_checkpoint(str(tmp), tag=_DS_TAG, save_latest=False)
+    engine.save_checkpoint(str(tmp), tag=_DS_TAG, save_latest=False,
+                           exclude_frozen_parameters=_has_frozen(_unwrap(engine)))
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(rng_state, tmp / "rng" / f"rank_{rank():05d}.pt")
     barrier()
@@ -272,6 +285,7 @@ def load_checkpoint(path: str | os.PathLike, *, engine, load_optimizer: bool = T
         tag=_DS_TAG,
         load_optimizer_states=load_optimizer,
         load_lr_scheduler_states=load_optimizer,
+        load_module_strict=not _has_frozen(_unwrap(engine)),  # LoRA: frozen base weights were not saved
     )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the engine state from {path / _DS_TAG}")

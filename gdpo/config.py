@@ -36,6 +36,28 @@ def rng(default: Any, lo: float | None = None, hi: float | None = None, *, lo_op
     return field(default=default, metadata={"range": (lo, hi, lo_open)})
 
 
+LORA_ALL_LINEAR = "all-linear"
+LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraConfig:
+    r: int = rng(0, 0)
+    """LoRA rank; 0 = off (full fine-tuning). With r > 0 the policy is the base model with PEFT LoRA adapters and
+    only the adapter parameters (plus biases, per ``bias``) are trained; the KL reference is the same model with
+    its adapters switched off unless ``model.ref_name_or_path`` is set."""
+    alpha: float = rng(16.0, 0.0, lo_open=True)
+    """LoRA alpha: the update B @ A is scaled by alpha / r."""
+    dropout: float = rng(0.0, 0.0, 1.0)
+    """Dropout on the adapter input during training (0 = off; rollouts and frozen log-probs never drop)."""
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_DEFAULT_TARGETS))
+    """Module names (suffixes, as PEFT matches them) that get adapters; ``[all-linear]`` = every linear layer but
+    the LM head. The default covers the attention and MLP projections of Llama-family models."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Biases trained with the adapters: none, all of the model's, or only those of adapted layers. Trained biases
+    change the base model, so with a KL term they need ``model.ref_name_or_path`` (refused otherwise)."""
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = "demo"
@@ -59,6 +81,8 @@ class ModelConfig:
     logprob_chunk_size: int = rng(1024, 1)
     """Sequence positions per chunk when computing per-token log-probs (bounds the [B, T, V] float32 memory).
     With rollout.top_p < 1 each chunk is also sorted over V (about 3x more memory): halve it if memory is tight."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters (PEFT); ``lora.r: 0`` = full fine-tuning."""
 
 
 @dataclass
@@ -529,6 +553,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("deepspeed.offload_param: needs deepspeed.zero_stage 3")
     if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage < 1:
         raise ConfigError("deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1")
+    _validate_lora(cfg.model.lora)
+    if cfg.model.lora.r and cfg.model.lora.bias != "none" and cfg.loss.beta and not cfg.model.ref_name_or_path:
+        raise ConfigError(f"model.lora.bias: {cfg.model.lora.bias!r} trains base-model biases, so the policy with its "
+                          "adapters off is no longer the initial policy the KL term needs; set model.ref_name_or_path "
+                          "(a separate reference) or model.lora.bias none")
     if cfg.checkpoint.resume not in (None, "auto") and not Path(cfg.checkpoint.resume).exists():
         raise ConfigError(f"checkpoint.resume: {cfg.checkpoint.resume!r} does not exist (use auto, null or a path)")
 
@@ -558,6 +587,22 @@ def _validate_variants(cfg: Config) -> None:
         raise ConfigError(f"loss.{unused[0]}: {getattr(loss, unused[0])!r} has no effect with loss.objective "
                           f"{loss.objective!r} (eps_low / eps_high belong to clip, cispo_eps_max to cispo, "
                           "sapo_tau_* to sapo)")
+
+
+def _validate_lora(lc: LoraConfig) -> None:
+    if lc.r == 0:  # off: a LoRA setting the user changed would be ignored silently, so it is refused
+        changed = [f.name for f in dataclasses.fields(LoraConfig)
+                   if f.name != "r" and getattr(lc, f.name) != getattr(LoraConfig(), f.name)]
+        if changed:
+            raise ConfigError(f"model.lora.{changed[0]}: set, but model.lora.r is 0 (LoRA off); set model.lora.r > 0 "
+                              "or leave it out")
+        return
+    if not lc.target_modules or any(not t for t in lc.target_modules):
+        raise ConfigError("model.lora.target_modules: needs at least one (non-empty) module name, or [all-linear]")
+    if LORA_ALL_LINEAR in lc.target_modules and len(lc.target_modules) > 1:
+        raise ConfigError(f"model.lora.target_modules: {LORA_ALL_LINEAR!r} stands alone, got {lc.target_modules}")
+    if lc.dropout >= 1.0:
+        raise ConfigError(f"model.lora.dropout: {lc.dropout} drops everything; allowed [0, 1)")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ class TrainContext:
     run_dir: Path
     tokenizer: Any
     engine: Any  # the DeepSpeed engine around the policy
-    ref_model: torch.nn.Module | None  # None when loss.beta == 0
+    ref_model: Any  # nn.Module, AdapterOffReference (LoRA: the policy, adapters off) or None when loss.beta == 0
     rollout: RolloutEngine
     bank: RewardBank
     prompts: RankPrompts
@@ -93,12 +93,26 @@ def load_models(cfg: Config, model_path: str, device: torch.device):
     tokenizer = check_tokenizer(mc.tokenizer or model_path, key, trust_remote_code=mc.trust_remote_code)
     kwargs = dict(dtype=resolve_dtype(mc.dtype), device=device, attn_implementation=mc.attn_implementation,
                   trust_remote_code=mc.trust_remote_code)
+    lora = mc.lora.r > 0
     try:
         model = load_causal_lm(model_path, gradient_checkpointing=mc.gradient_checkpointing, **kwargs)
-        ref_model = load_reference_model(mc.ref_name_or_path or model_path, beta=cfg.loss.beta, **kwargs)
+        # LoRA without ref_name_or_path: the reference is the policy with its adapters off (no second copy)
+        ref_model = None if lora and not mc.ref_name_or_path else load_reference_model(
+            mc.ref_name_or_path or model_path, beta=cfg.loss.beta, **kwargs)
     except Exception as e:  # noqa: BLE001 - any loading failure is one line naming the key
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ConfigError(f"model.name_or_path: cannot load {model_path!r} ({type(e).__name__}: {first})") from None
+    if lora:
+        from gdpo.policy.lora import AdapterOffReference, apply_lora
+
+        lc = mc.lora
+        try:
+            model = apply_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules,
+                               bias=lc.bias)
+        except ValueError as e:
+            raise ConfigError(f"model.lora.target_modules: {e}") from None
+        if ref_model is None and cfg.loss.beta != 0:
+            ref_model = AdapterOffReference(model)
     return tokenizer, model, ref_model
 
 
@@ -144,12 +158,16 @@ def claim_run_dir(cfg: Config, run_dir: Path) -> Path | None:
     return path
 
 
-def resume(path: Path | None, engine, order: PromptIterator, rollout: RolloutEngine) -> int:
+def resume(cfg: Config, path: Path | None, engine, order: PromptIterator, rollout: RolloutEngine) -> int:
     """Load the checkpoint ``path`` (if any) into the engine and the data order; returns the step it ended."""
     from gdpo import checkpoint as ckpt
 
     if path is None:
         return 0
+    lora, has_adapter = cfg.model.lora.r > 0, (path / "adapter_config.json").is_file()
+    if lora != has_adapter:  # the DeepSpeed state would not match the parameters (LoRA loads it non-strictly)
+        raise ConfigError(f"checkpoint.resume: {path} holds {'a LoRA adapter' if has_adapter else 'full weights'}, "
+                          f"but model.lora.r is {cfg.model.lora.r}; resume with the setting it was trained with")
     state = ckpt.load_checkpoint(path, engine=engine)
     order.load_state_dict(state.data_state)
     rollout.sync_weights(engine.module)
@@ -193,11 +211,11 @@ def setup(cfg: Config) -> TrainContext:
             return_logprobs=cfg.rollout.backend != "hf" and cfg.loss.is_correction)
     except ValueError as e:
         raise ConfigError(f"rollout.backend: {e}") from None
-    start_step = resume(resume_from, engine, order, rollout)
+    if info.rank > 0:  # before resume: a resumed rank continues its own saved stream, not a fresh seed + rank
+        seed_everything(cfg.train.seed + info.rank)  # this rank's own sampling stream (see the module docstring)
+    start_step = resume(cfg, resume_from, engine, order, rollout)
     logger = RunLogger.from_config(cfg.logging, run_dir, active=dist.is_main(), total_steps=cfg.train.steps,
                                    start_step=start_step, config=to_dict(cfg), reward_names=bank.names)
-    if info.rank > 0:
-        seed_everything(cfg.train.seed + info.rank)  # this rank's own sampling stream (see the module docstring)
     if dist.is_main():
         skipped = f", skipped {dataset.skipped}" if dataset.skipped else ""
         print(f"gdpo: {len(dataset)} prompts{skipped}; {cfg.rollout.prompts_per_step} prompts x "

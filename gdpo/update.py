@@ -18,6 +18,7 @@ import torch
 
 from gdpo import distributed as dist
 from gdpo.plan import BatchPlan
+from gdpo.policy.lora import reference_model
 from gdpo.policy.loss import policy_loss
 from gdpo.policy.model import token_logprobs, token_logprobs_batched
 from gdpo.rollout.types import RolloutBatch
@@ -61,7 +62,7 @@ class FrozenLogprobs:
 
 def frozen_logprobs(
     policy: torch.nn.Module,
-    ref_model: torch.nn.Module | None,
+    ref_model,  # nn.Module, gdpo.policy.lora.AdapterOffReference or None
     x: TrainTensors,
     *,
     need_old: bool,
@@ -80,10 +81,12 @@ def frozen_logprobs(
                                       temperature=temperature, chunk_size=chunk_size, top_p=top_p,
                                       top_k=top_k).logprobs
 
-    return FrozenLogprobs(
-        old=run(policy) if need_old else None,
-        ref=run(ref_model) if ref_model is not None else None,
-    )
+    old = run(policy) if need_old else None
+    ref = None
+    if ref_model is not None:
+        with reference_model(ref_model) as m:  # LoRA: the policy itself, adapters off for the block
+            ref = run(m)
+    return FrozenLogprobs(old=old, ref=ref)
 
 
 @dataclass

@@ -102,3 +102,17 @@ def test_microbatch_memory_benchmark_quick():
     assert p.returncode == 0, p.stderr[-4000:]
     rows = [line for line in p.stdout.splitlines() if line.startswith(("fixed micro-batches", "token budget"))]
     assert len(rows) == 4 and all(float(r.split()[-1]) > 0 for r in rows), p.stdout
+
+
+def test_lora_memory_benchmark_quick():
+    p = subprocess.run([sys.executable, "benchmarks/lora_memory.py", "--quick"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    rows = {cells[1].strip(): cells[2:6] for cells in (line.split("|") for line in p.stdout.splitlines())
+            if len(cells) == 7 and cells[2].strip().isdigit()}
+    assert set(rows) == {"full", "lora + ref copy", "lora (adapter-off ref)"}
+    for cells in rows.values():
+        peak, base, diff = (int(c) for c in cells[:3])
+        assert peak > base > 100 and abs(diff - (peak - base)) <= 1  # MiB, each rounded
+    assert rows["full"][3].strip() == "1.00"
+    assert "command: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lora_memory.py --quick" in p.stdout

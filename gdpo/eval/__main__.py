@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("what to evaluate")
     g.add_argument("--model", help="checkpoint directory or hub id to sample from (not needed with --oracle)")
+    g.add_argument("--adapter", help="a LoRA training checkpoint (PEFT adapter) applied to --model, the base model; "
+                   "merged into the weights before sampling")
     g.add_argument("--tokenizer", help="tokenizer directory or hub id (default: --model); with --oracle it "
                    "measures lengths in tokens (without one they are whitespace words)")
     g.add_argument("--oracle", metavar="FIELD", help="no model: use each problem's FIELD (e.g. 'solution') as "
@@ -152,6 +154,9 @@ def _int_list(text: str, flag: str) -> list[int]:
 def _check_args(a: argparse.Namespace) -> None:
     if a.oracle is None and not a.model:
         raise EvalInputError("--model is required (or --oracle FIELD to grade a dataset field)")
+    if a.adapter is not None and (a.oracle is not None or not (Path(a.adapter) / "adapter_config.json").is_file()):
+        raise EvalInputError(f"--adapter: {a.adapter} is not a LoRA checkpoint (no adapter_config.json)"
+                             if a.oracle is None else "--adapter needs --model, not --oracle")
     if a.oracle is None and a.oracle_shuffle:
         raise EvalInputError("--oracle-shuffle needs --oracle FIELD")
     for flag, value, low in (("--k", a.k, 1), ("--max-tokens", a.max_tokens, 1), ("--batch-problems",
@@ -255,6 +260,8 @@ def _make_engine(a, model_ref: str, tokenizer, device: str | None):
             raise EvalInputError(
                 f"--backend vllm needs the vllm package (pip install 'gdpo[vllm]'): {_first_line(e)}"
             ) from None
+        if a.adapter:  # vLLM loads weights from a directory: the merged model, in a temporary one
+            model_ref = _merged_dir(a, model_ref)
         # No trainer model to push weights from: vLLM loads them from model_ref itself, and never sleeps.
         try:
             return make_rollout_engine(
@@ -275,10 +282,32 @@ def _make_engine(a, model_ref: str, tokenizer, device: str | None):
     dtype = resolve_dtype(a.dtype)
     try:
         model = load_causal_lm(model_ref, dtype=dtype, device=device, trust_remote_code=a.trust_remote_code)
+        if a.adapter:  # merged: plain Linear layers again, the same function as base + adapter
+            from gdpo.policy.lora import load_adapter
+
+            model = load_adapter(model, a.adapter).merge_and_unload()
     except Exception as e:  # noqa: BLE001
         raise EvalInputError(f"cannot load model {model_ref!r}: {_first_line(e)}") from None
     model.eval()
     return make_rollout_engine("hf", model, tokenizer, sampling, generation_batch_size=a.generation_batch_size)
+
+
+def _merged_dir(a, model_ref: str) -> str:
+    """--adapter with --backend vllm: the merged model in a temporary directory, removed at exit."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from gdpo.export import export_merged
+    from gdpo.policy.model import resolve_dtype
+
+    out = tempfile.mkdtemp(prefix="gdpo-eval-merged-")
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    try:
+        return str(export_merged(a.adapter, Path(out) / "model", model=model_ref, dtype=resolve_dtype(a.dtype),
+                                 trust_remote_code=a.trust_remote_code))
+    except Exception as e:  # noqa: BLE001
+        raise EvalInputError(f"--adapter: cannot merge {a.adapter!r} into {model_ref!r}: {_first_line(e)}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,6 +366,7 @@ def _main(a: argparse.Namespace) -> int:
         if a.chat_template == "on" and not getattr(tokenizer, "chat_template", None):
             raise EvalInputError(f"--chat-template on: tokenizer {tok_ref} has no chat template")
         fingerprint = {"source": "model", "model": model_ref, "tokenizer": tok_ref, "backend": a.backend,
+                       **({"adapter": str(Path(a.adapter).resolve())} if a.adapter else {}),
                        "dtype": a.dtype, "k": a.k, "temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k,
                        "max_tokens": a.max_tokens, "stop": list(a.stop), "seed": a.seed,
                        "prompt_template": a.prompt_template, "system_prompt": a.system_prompt,
@@ -353,7 +383,7 @@ def _main(a: argparse.Namespace) -> int:
         source_desc = f"model ({a.backend})"
 
     oracle_name = f"oracle-{a.oracle}" + ("-shuffled" if a.oracle_shuffle else "")
-    default_name = Path(model_ref).name if model_ref else oracle_name
+    default_name = Path(a.adapter or model_ref).name if model_ref else oracle_name
     out_dir = Path(a.output_dir or Path("runs") / "eval" / default_name)
     _check_output_dir(out_dir)
     if a.overwrite:

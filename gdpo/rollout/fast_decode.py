@@ -16,14 +16,20 @@ optional q/k/v/o and MLP biases; Qwen3's per-head q/k norms; RoPE types whose fr
 sequence length (default, linear, llama3, yarn); no logit soft-capping; a sliding window only where the
 sequences fit in it. Anything else decodes with the HF forward. Only one-token steps: the prompt is prefilled
 by the HF forward and its cache copied in.
-Modules must be the plain ones (nn.Linear projections, RMSNorms): adapters or quantized layers fall back. The
-parameters are read directly, so forward hooks registered on the modules do not run during these steps.
+Modules must be the plain ones (nn.Linear projections, RMSNorms), or PEFT LoRA layers on them (a PeftModel):
+those run as the base GEMM plus the low-rank update B(A(x)) * scaling (`gdpo.policy.lora.lora_linear`, PEFT's
+order and dtypes, no dropout: rollouts run in eval mode), so a LoRA run keeps the fast path without a merged copy
+of the weights. DoRA and other variants, and quantized layers, fall back. The parameters are read directly, so
+forward hooks registered on the modules do not run during these steps.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from gdpo.policy.lora import lora_linear as _linear
+from gdpo.policy.lora import unsupported_lora_reason, unwrap_peft
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -32,6 +38,7 @@ ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 def unsupported_reason(model: torch.nn.Module, max_len: int | None = None) -> str | None:
     """None when `FastDecoder` computes what `model`'s forward computes for sequences of up to `max_len`
     columns (None: any length); otherwise why not."""
+    model = unwrap_peft(model)  # a PeftModel: the HF model, whose layers hold the adapters
     cfg = getattr(model, "config", None)
     body = getattr(model, "model", None)
     if cfg is None or body is None or getattr(cfg, "model_type", None) not in MODEL_TYPES:
@@ -52,12 +59,14 @@ def unsupported_reason(model: torch.nn.Module, max_len: int | None = None) -> st
         window = getattr(a, "sliding_window", None)
         if window is not None and (max_len is None or max_len > window):  # shorter: nothing slides out
             return f"sliding-window attention (window {window}, sequences up to {max_len})"
-        # exactly nn.Linear: an adapter (LoRA) or quantized wrapper would compute something else than .weight
+        # exactly nn.Linear or vanilla LoRA on one: a quantized wrapper would compute something else than .weight
         linears = [getattr(a, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
         linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-        if not hasattr(a, "scaling") or any(type(lin) is not torch.nn.Linear for lin in linears):
+        why = "no attention scaling" if not hasattr(a, "scaling") else next(
+            filter(None, (unsupported_lora_reason(lin) for lin in linears)), None)
+        if why:
             names = f"{type(a).__name__}, {type(mlp).__name__}"
-            return f"layer modules ({names}) are not plain Linear projections"
+            return f"layer modules ({names}) are not plain Linear projections: {why}"
         norms = [getattr(ly, "input_layernorm", None), getattr(ly, "post_attention_layernorm", None)]
         if any(not hasattr(n, "variance_epsilon") for n in norms):
             return "layer norms are not RMSNorm"
@@ -84,6 +93,7 @@ class FastDecoder:
     """
 
     def __init__(self, model: torch.nn.Module, positions: torch.Tensor, key_mask: torch.Tensor):
+        model = unwrap_peft(model)
         cfg = model.config
         self.model, self.body = model, model.model
         self.hq, self.hkv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -120,9 +130,9 @@ class FastDecoder:
         for i, ly in enumerate(self.body.layers):
             a, mlp = ly.self_attn, ly.mlp
             x = _rms_norm(h, ly.input_layernorm.weight, ly.input_layernorm.variance_epsilon)
-            q = F.linear(x, a.q_proj.weight, a.q_proj.bias).view(rows, 1, hq, D)
-            k = F.linear(x, a.k_proj.weight, a.k_proj.bias).view(rows, 1, hkv, D)
-            v = F.linear(x, a.v_proj.weight, a.v_proj.bias).view(rows, hkv, 1, D)
+            q = _linear(x, a.q_proj).view(rows, 1, hq, D)
+            k = _linear(x, a.k_proj).view(rows, 1, hkv, D)
+            v = _linear(x, a.v_proj).view(rows, hkv, 1, D)
             if hasattr(a, "q_norm"):  # Qwen3: RMSNorm over each head before RoPE
                 q = _rms_norm(q, a.q_norm.weight, a.q_norm.variance_epsilon)
                 k = _rms_norm(k, a.k_norm.weight, a.k_norm.variance_epsilon)
@@ -135,11 +145,11 @@ class FastDecoder:
             scores = torch.matmul(qg, keys.transpose(-1, -2)) * a.scaling + bias  # [rows, Hkv, rep, n + 1]
             probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
             o = torch.matmul(probs, values).reshape(rows, 1, hq * D)  # [rows, 1, Hq * D]
-            h = h + F.linear(o, a.o_proj.weight, a.o_proj.bias)
+            h = h + _linear(o, a.o_proj)
             x = _rms_norm(h, ly.post_attention_layernorm.weight, ly.post_attention_layernorm.variance_epsilon)
-            gate = F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias)
-            up = F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
-            h = h + F.linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+            gate = _linear(x, mlp.gate_proj)
+            up = _linear(x, mlp.up_proj)
+            h = h + _linear(F.silu(gate) * up, mlp.down_proj)
         h = _rms_norm(h, self.body.norm.weight, self.body.norm.variance_epsilon)
         head = self.model.lm_head
         return F.linear(h[:, 0], head.weight, head.bias)  # [rows, V]

@@ -23,7 +23,10 @@ Design notes
   sgl kernel layouts after loading and frees the original tensors, so new weights must go through the
   same post-load processing (and on GPU quantised layouts need it too). Parameters are streamed in
   chunks of at most `sync_chunk_mb` (ZeRO-3 parameters are gathered one chunk at a time, so peak extra
-  memory is one chunk). The whole sync runs in a worker thread; the caller waits at most
+  memory is one chunk). A LoRA policy (PeftModel) is pushed merged: every base weight under its base-model
+  name, the adapted ones as W + scaling * B @ A (`gdpo.policy.lora.merged_sync_weights`; a chunk gathers each
+  weight with its A and B), so vLLM serves the plain base architecture and follows the adapter. The whole sync
+  runs in a worker thread; the caller waits at most
   `sync_timeout_s` and then raises instead of hanging (a stuck collective is the usual culprit).
   Every engine parameter must receive a value, else the sync fails loudly (a name mismatch would
   otherwise leave stale weights behind silently). The prefix cache is reset after each sync, since
@@ -332,6 +335,10 @@ class VLLMRolloutEngine:
 
     # ------------------------------------------------------------------ weight sync
     def _named_params(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+        from gdpo.policy.lora import is_peft_model, merged_sync_weights
+
+        if is_peft_model(model):  # LoRA: base-model names, adapted weights merged (W + scaling * B @ A)
+            return [(_vllm_name(n), p) for n, p in merged_sync_weights(model)]
         return [(_vllm_name(n), p) for n, p in model.named_parameters()]
 
     def _load_chunk(self, weights: list[tuple[str, torch.Tensor]]) -> None:
@@ -360,8 +367,8 @@ class VLLMRolloutEngine:
                 if cancel.is_set():
                     return
                 progress.stage = f"loading chunk {i + 1}/{len(chunks)} (first parameter {chunk[0][0]})"
-                with torch.no_grad(), _gathered([p for _, p in chunk]):
-                    self._load_chunk([(name, p.data) for name, p in chunk])
+                with torch.no_grad(), _gathered([q for _, p in chunk for q in getattr(p, "params", [p])]):
+                    self._load_chunk([(name, p.value() if hasattr(p, "value") else p.data) for name, p in chunk])
                 progress.chunks_done += 1
                 progress.bytes_done += sum(_param_bytes(p) for _, p in chunk)
         except BaseException as e:
