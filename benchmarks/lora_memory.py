@@ -78,7 +78,8 @@ def main() -> None:
         rows = []
         for name, extra in SETTINGS.items():
             out = tmp / "result.json"
-            args = [*common, f"train.run_dir={tmp / 'run'}", *[e.format(model=model) for e in extra]]
+            run_dir = tmp / ("run_" + "".join(c if c.isalnum() else "_" for c in name))  # a fresh dir each
+            args = [*common, f"train.run_dir={run_dir}", *[e.format(model=model) for e in extra]]
             p = subprocess.run([sys.executable, "-c", CHILD, str(out), *args], cwd=ROOT, capture_output=True,
                                text=True, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
             if p.returncode:

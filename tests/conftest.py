@@ -23,16 +23,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_SESSION_LAUNCHER_ENV = {k: os.environ.get(k) for k in _LAUNCHER_VARS}  # as the session started
 
 
 @pytest.fixture(autouse=True)
 def _no_launcher_env_leaks():
     """In-process tests make this process a world of one, which sets the launcher variables (MASTER_PORT is
     the port of a store this process still holds). Take them out again after each test, so a subprocess started
-    later (train.py, a torchrun rank) does not inherit them and try to bind that port."""
-    before = {k: os.environ.get(k) for k in _LAUNCHER_VARS}
+    later (train.py, a torchrun rank) does not inherit them and try to bind that port. The values go back to
+    the session's start, not to the test's: a module-scoped fixture that trained in-process ran before this."""
     yield
-    for k, v in before.items():
+    for k, v in _SESSION_LAUNCHER_ENV.items():
         if v is None:
             os.environ.pop(k, None)
         else:

@@ -185,6 +185,7 @@ def test_lora_resume_equals_uninterrupted(run4, tiny_dir, tmp_path):
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(run4["run"] / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
+    shutil.copy(run4["run"] / "fingerprint.json", resumed / "fingerprint.json")  # the run's identity: auto resumes
     code = ("import sys; from gdpo.config import load_config; from gdpo.trainer import train; "
             f"train(load_config({str(ROOT / 'configs/tiny_gdpo.yaml')!r}, sys.argv[1:]))")
     args = [f"model.name_or_path={tiny_dir}", f"train.run_dir={resumed}", *TINY, *LORA, "train.steps=4",

@@ -68,6 +68,7 @@ def test_lora_zero3_two_ranks_matches_zero0(tmp_path):
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "zero3" / "checkpoints" / "step_00000001", resumed / "checkpoints" / "step_00000001")
+    shutil.copy(tmp_path / "zero3" / "fingerprint.json", resumed / "fingerprint.json")  # auto resumes this run only
     (out,) = _run_concurrently([[*torchrun, *common, "deepspeed.zero_stage=3", f"train.run_dir={resumed}",
                                  "checkpoint.resume=auto"]], _env(tmp_path))
     assert "resumed from" in out

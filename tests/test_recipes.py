@@ -34,7 +34,9 @@ LOCAL_DATA = {
     "tool_gdpo": [f"data.path={SHARED}/toolcall/toolrl_rlla_4k_test.jsonl"],
     "tool_grpo": [f"data.path={SHARED}/toolcall/toolrl_rlla_4k_test.jsonl"],
 }
-CASES = [(c, c, LOCAL_DATA.get(c, [])) for c in CONFIGS] + [("tool_gdpo", "tool_gdpo_fallback", TOOL_FALLBACK)]
+# A LoRA variant (<recipe>_lora.yaml) renders exactly its recipe's prompts: it shares the recipe's golden file.
+CASES = [(c, c.removesuffix("_lora"), LOCAL_DATA.get(c.removesuffix("_lora"), [])) for c in CONFIGS] + [
+    ("tool_gdpo", "tool_gdpo_fallback", TOOL_FALLBACK)]
 needs_data = pytest.mark.skipif(not (SHARED / "code" / "mbpp.jsonl").exists(), reason="needs the shared data dir")
 
 
