@@ -55,7 +55,8 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	touch $@
 
 test-vllm: install-vllm
-	OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false $(VLLM_BIN)/python -m pytest -q -m vllm tests/rollout/test_vllm_rollout.py tests/eval/test_eval_vllm.py
+	OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false $(VLLM_BIN)/python -m pytest -q -m vllm tests/rollout/test_vllm_rollout.py tests/eval/test_eval_vllm.py \
+		tests/eval/test_eval_lora_vllm.py tests/test_recipes_train.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .cache runs

