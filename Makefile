@@ -32,7 +32,8 @@ test: install
 	$(TEST_ENV) $(BIN)/python -m pytest -q
 
 demo: install
-	$(BIN)/python train.py --config configs/tiny_gdpo.yaml
+	# train.overwrite: a second `make demo` moves the previous run aside (runs/tiny_gdpo.old-<time>), never deletes it
+	$(BIN)/python train.py --config configs/tiny_gdpo.yaml train.overwrite=true
 
 bench: install
 	$(TEST_ENV) $(BIN)/python benchmarks/advantage.py

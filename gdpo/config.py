@@ -62,7 +62,7 @@ class LoraConfig:
 class ModelConfig:
     name_or_path: str = "demo"
     """Policy: a local directory or hub id of a causal LM, or ``demo`` for the embedded tiny Qwen2 (warm-started
-    on the package's arithmetic task and cached in the run directory)."""
+    on the package's arithmetic task once and cached in $XDG_CACHE_HOME/gdpo/demo_sft)."""
     tokenizer: Optional[str] = None
     """Tokenizer path or hub id; None = same as ``name_or_path``."""
     ref_name_or_path: Optional[str] = None

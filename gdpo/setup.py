@@ -11,6 +11,7 @@ one-process run, so a world of one is unchanged). The RNG states are saved per r
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,19 +62,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def demo_cache_dir(seed: int) -> Path:
+    """Where the demo model's warm start is cached: $XDG_CACHE_HOME/gdpo/demo_sft/seed<seed> (~/.cache by
+    default), outside any run directory, so a new run (or train.overwrite moving an old one aside) reuses it."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "gdpo" / "demo_sft" / f"seed{seed}"
+
+
 def resolve_demo(cfg: Config, run_dir: Path) -> tuple[str, str, str | None]:
     """(model path, data path, system prompt) with ``demo`` replaced by the embedded task's files; the demo model
-    is warm-started once on rank 0 and cached in the run directory."""
+    is warm-started once on rank 0 and cached (`demo_cache_dir`)."""
     model_path, data_path, system_prompt = cfg.model.name_or_path, cfg.data.path, cfg.data.system_prompt
     if model_path != "demo" and data_path != "demo":
         return model_path, data_path, system_prompt
     from gdpo.demo import DEMO, TRAIN_FILE, warm_start
 
     if model_path == "demo":
+        cache = demo_cache_dir(cfg.train.seed)
         if dist.is_main():
-            warm_start(run_dir, seed=cfg.train.seed)
+            warm_start(run_dir, seed=cfg.train.seed, cache_dir=cache)
         dist.barrier()
-        model_path = str(run_dir / "sft")
+        model_path = str(cache)
     if data_path == "demo":
         data_path = str(TRAIN_FILE)
         # the warm start saw no system turn, so by default RL prompts have none either

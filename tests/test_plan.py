@@ -40,8 +40,12 @@ def test_minibatch_refused_at_start_by_train_py(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
+    import os
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}  # where the demo warm start would go
     p = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny_gdpo.yaml", "loss.minibatch_size=7",
-                        f"train.run_dir={tmp_path}"], cwd=root, capture_output=True, text=True, timeout=300)
+                        f"train.run_dir={tmp_path / 'run'}"], cwd=root, capture_output=True, text=True, timeout=300,
+                       env=env)
     assert p.returncode == 2, p.stderr[-2000:]
     assert p.stderr.strip().splitlines()[-1].startswith("config error: loss.minibatch_size: 7")
-    assert not (tmp_path / "sft").exists()  # refused before the warm start
+    assert not (tmp_path / "cache" / "gdpo").exists()  # refused before the warm start

@@ -227,6 +227,27 @@ def advantage_stats(
     return m.reduce()
 
 
+def _contributions(r: torch.Tensor, valid: torch.Tensor, w: torch.Tensor, spec, eps: float,
+                   loo: bool) -> torch.Tensor:
+    """[P, G, K] each reward's part of the advantage before batch normalisation (r, valid [P, G, K])."""
+    if spec.aggregate == "normalize_then_sum":
+        contrib = group_zscore(r, valid, use_std=spec.group_std, eps=eps, leave_one_out=loo) * w  # [P, G, K]
+    else:
+        rv = torch.where(valid, r, torch.zeros_like(r))
+        row_ok = valid.any(-1, keepdim=True)  # [P, G, 1]
+        s = (rv * w).sum(-1, keepdim=True)  # [P, G, 1]
+        cnt = row_ok.sum(1, keepdim=True).clamp(min=1)
+        mean_k = (rv * w * row_ok).sum(1, keepdim=True) / cnt  # [P, 1, K]: the mean of s splits over rewards
+        contrib = torch.where(row_ok, rv * w - mean_k, torch.zeros_like(rv))  # [P, G, K]
+        if loo:  # the leave-one-out deviation is n / (n - 1) times the mean-centred one
+            contrib = contrib * cnt / (cnt - 1).clamp(min=1)
+        if spec.group_std:
+            d = torch.where(row_ok, s - s.sum(1, keepdim=True) / cnt, torch.zeros_like(s))
+            std = ((d * d).sum(1, keepdim=True) / (cnt - 1).clamp(min=1)).sqrt()
+            contrib = contrib / (std + eps)
+    return contrib
+
+
 @torch.no_grad()
 def record_advantage_stats(
     m,  # gdpo.metrics.Metrics: reduced over ranks by the caller
@@ -274,23 +295,7 @@ def record_advantage_stats(
     zero = (vmax <= vmin) | (valid.sum(1) < 2)  # [P, K]
     for j, name in enumerate(names):
         m.mean_of(f"adv/{name}/zero_spread_frac", zero[:, j])
-    # per-reward contributions to the advantage before batch norm
-    if spec.aggregate == "normalize_then_sum":
-        contrib = group_zscore(r, valid, use_std=spec.group_std, eps=eps, leave_one_out=loo) * w  # [P, G, K]
-    else:
-        rv = torch.where(valid, r, torch.zeros_like(r))
-        row_ok = valid.any(-1, keepdim=True)  # [P, G, 1]
-        s = (rv * w).sum(-1, keepdim=True)  # [P, G, 1]
-        cnt = row_ok.sum(1, keepdim=True).clamp(min=1)
-        mean_k = (rv * w * row_ok).sum(1, keepdim=True) / cnt  # [P, 1, K]: the mean of s splits over rewards
-        contrib = torch.where(row_ok, rv * w - mean_k, torch.zeros_like(rv))  # [P, G, K]
-        if loo:  # the leave-one-out deviation is n / (n - 1) times the mean-centred one
-            contrib = contrib * cnt / (cnt - 1).clamp(min=1)
-        if spec.group_std:
-            d = torch.where(row_ok, s - s.sum(1, keepdim=True) / cnt, torch.zeros_like(s))
-            std = ((d * d).sum(1, keepdim=True) / (cnt - 1).clamp(min=1)).sqrt()
-            contrib = contrib / (std + eps)
-    tot = contrib.abs().sum((0, 1))  # [K]
+    tot = _contributions(r, valid, w, spec, eps, loo).abs().sum((0, 1))  # [K]
     for j, name in enumerate(names):
         m.ratio(f"adv/{name}/share", tot[j].item(), tot.sum().item(), empty=0.0)
     # pairwise correlations over rollouts where both rewards apply

@@ -93,6 +93,66 @@ def aggregate(
     raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
 
 
+def _check_options(aggregation: str, importance_level: str, objective: str, cispo_eps_max: float,
+                   sapo_tau_pos: float, sapo_tau_neg: float, kl_without_ref: bool) -> None:
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
+    if importance_level not in IMPORTANCE_LEVELS:
+        raise ValueError(f"unknown importance_level {importance_level!r}; expected one of {IMPORTANCE_LEVELS}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
+    if objective == "cispo" and not cispo_eps_max > 0:
+        raise ValueError(f"cispo_eps_max must be > 0, got {cispo_eps_max}")
+    if objective == "sapo" and not (sapo_tau_pos > 0 and sapo_tau_neg > 0):
+        raise ValueError(f"sapo taus must be > 0, got {sapo_tau_pos}, {sapo_tau_neg}")
+    if kl_without_ref:
+        raise ValueError("beta != 0 needs ref_logps")
+
+
+def _surrogate(ratio: torch.Tensor, adv: torch.Tensor, logps: torch.Tensor, objective: str, *, eps_low: float,
+               eps_high: float, cispo_eps_max: float, sapo_tau_pos: float, sapo_tau_neg: float) -> torch.Tensor:
+    """The per-token (or per-row) policy-gradient term: ratio [B, T] or [B, 1], adv [B, 1], logps [B, T]."""
+    if objective == "clip":
+        surr = ratio * adv
+        surr_clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
+        return -torch.minimum(surr, surr_clipped)  # [B, T] or [B, 1]
+    if objective == "cispo":
+        return -torch.clamp(ratio, max=cispo_eps_max).detach() * adv * logps  # [B, T]
+    tau = torch.where(adv > 0, torch.full_like(adv, sapo_tau_pos), torch.full_like(adv, sapo_tau_neg))  # [B, 1]
+    return -torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau) * adv  # sapo: [B, T] or [B, 1]
+
+
+@torch.no_grad()
+def _loss_stats(loss, pg, kl, ratio, logps, old_logps, adv, mask, aggregation: str, objective: str, *,
+                eps_low: float, eps_high: float, cispo_eps_max: float, max_len, num_tokens) -> LossStats:
+    """The detached statistics of one policy_loss call (shapes as there)."""
+    n = mask.sum().clamp(min=1.0)
+    tok_mean = lambda x: (x * mask).sum() / n  # noqa: E731
+    r = ratio.detach().expand_as(logps)  # [B, T]
+    zero = torch.zeros((), dtype=logps.dtype, device=logps.device)
+    if objective == "clip":
+        clip_low = tok_mean(((r < 1.0 - eps_low) & (adv < 0)).to(mask.dtype))
+        clip_high = tok_mean(((r > 1.0 + eps_high) & (adv > 0)).to(mask.dtype))
+    elif objective == "cispo":
+        clip_low, clip_high = zero, tok_mean((r > cispo_eps_max).to(mask.dtype))
+    else:
+        clip_low, clip_high = zero, zero
+    return LossStats(
+        loss=loss.detach(),
+        policy_loss=aggregate(pg, mask, aggregation, max_len=max_len, num_tokens=num_tokens).detach(),
+        kl=(
+            zero
+            if kl is None
+            else aggregate(kl, mask, aggregation, max_len=max_len, num_tokens=num_tokens).detach()
+        ),
+        approx_kl=tok_mean(k3_kl(old_logps.detach(), logps.detach())),
+        clip_frac_low=clip_low,
+        clip_frac_high=clip_high,
+        ratio_mean=tok_mean(r),
+        num_tokens=mask.sum().detach(),
+    )
+
+
 def policy_loss(
     logps: torch.Tensor,  # [B, T] current policy, with grad
     old_logps: torch.Tensor,  # [B, T] policy that sampled (before this update)
@@ -124,18 +184,8 @@ def policy_loss(
     taus 1.0 / 1.05 are TRL's defaults). truncated: rows to drop from the loss (DAPO); None = keep every row.
     The defaults are the token-level clipped surrogate on every row.
     """
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
-    if importance_level not in IMPORTANCE_LEVELS:
-        raise ValueError(f"unknown importance_level {importance_level!r}; expected one of {IMPORTANCE_LEVELS}")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
-    if objective == "cispo" and not cispo_eps_max > 0:
-        raise ValueError(f"cispo_eps_max must be > 0, got {cispo_eps_max}")
-    if objective == "sapo" and not (sapo_tau_pos > 0 and sapo_tau_neg > 0):
-        raise ValueError(f"sapo taus must be > 0, got {sapo_tau_pos}, {sapo_tau_neg}")
-    if beta != 0.0 and ref_logps is None:
-        raise ValueError("beta != 0 needs ref_logps")
+    _check_options(aggregation, importance_level, objective, cispo_eps_max, sapo_tau_pos, sapo_tau_neg,
+                   beta != 0.0 and ref_logps is None)
     mask = mask.to(logps.dtype)  # [B, T]
     if truncated is not None:
         if truncated.shape != (logps.shape[0],):
@@ -146,16 +196,8 @@ def policy_loss(
     if importance_level == "sequence":
         log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)  # [B, 1]
     ratio = torch.exp(log_ratio)  # [B, T] token-level, [B, 1] sequence-level
-    if objective == "clip":
-        surr = ratio * adv
-        surr_clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
-        pg = -torch.minimum(surr, surr_clipped)  # [B, T] or [B, 1]
-    elif objective == "cispo":
-        pg = -torch.clamp(ratio, max=cispo_eps_max).detach() * adv * logps  # [B, T]
-    else:  # sapo
-        tau = torch.where(adv > 0, torch.full_like(adv, sapo_tau_pos), torch.full_like(adv, sapo_tau_neg))  # [B, 1]
-        pg = -torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau) * adv  # [B, T] or [B, 1]
-    pg = pg.expand_as(logps)  # [B, T]
+    pg = _surrogate(ratio, adv, logps, objective, eps_low=eps_low, eps_high=eps_high, cispo_eps_max=cispo_eps_max,
+                    sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg).expand_as(logps)  # [B, T]
     if is_weights is not None:
         pg = pg * is_weights.detach()
     per_token = pg
@@ -166,30 +208,6 @@ def policy_loss(
             per_token = per_token + beta * kl
     loss = aggregate(per_token, mask, aggregation, max_len=max_len, num_tokens=num_tokens)
 
-    with torch.no_grad():
-        n = mask.sum().clamp(min=1.0)
-        tok_mean = lambda x: (x * mask).sum() / n  # noqa: E731
-        r = ratio.detach().expand_as(logps)  # [B, T]
-        zero = torch.zeros((), dtype=logps.dtype, device=logps.device)
-        if objective == "clip":
-            clip_low = tok_mean(((r < 1.0 - eps_low) & (adv < 0)).to(mask.dtype))
-            clip_high = tok_mean(((r > 1.0 + eps_high) & (adv > 0)).to(mask.dtype))
-        elif objective == "cispo":
-            clip_low, clip_high = zero, tok_mean((r > cispo_eps_max).to(mask.dtype))
-        else:
-            clip_low, clip_high = zero, zero
-        stats = LossStats(
-            loss=loss.detach(),
-            policy_loss=aggregate(pg, mask, aggregation, max_len=max_len, num_tokens=num_tokens).detach(),
-            kl=(
-                zero
-                if kl is None
-                else aggregate(kl, mask, aggregation, max_len=max_len, num_tokens=num_tokens).detach()
-            ),
-            approx_kl=tok_mean(k3_kl(old_logps.detach(), logps.detach())),
-            clip_frac_low=clip_low,
-            clip_frac_high=clip_high,
-            ratio_mean=tok_mean(r),
-            num_tokens=mask.sum().detach(),
-        )
+    stats = _loss_stats(loss, pg, kl, ratio, logps, old_logps, adv, mask, aggregation, objective, eps_low=eps_low,
+                        eps_high=eps_high, cispo_eps_max=cispo_eps_max, max_len=max_len, num_tokens=num_tokens)
     return loss, stats

@@ -233,9 +233,7 @@ def run_python(
     fds: list[int] = []
     try:
         _write_inputs(tmpdir, source, stdin, files)
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        status_r, status_w = os.pipe()
+        (out_r, out_w), (err_r, err_w), (status_r, status_w) = os.pipe(), os.pipe(), os.pipe()
         fds += [out_r, out_w, err_r, err_w, status_r, status_w]
         exe = python or sys.executable
         if not site_packages:
@@ -244,33 +242,20 @@ def run_python(
             exe = os.path.realpath(exe)
         binds = _interpreter_dirs(exe, python is None, site_packages)
         spec = {
-            "caller": os.getpid(),
-            "tmpdir": tmpdir,
-            "status_fd": status_w,
+            "caller": os.getpid(), "tmpdir": tmpdir, "status_fd": status_w, "env": dict(_PROGRAM_ENV),
             "argv": [exe, "-I", "-B", *(() if site_packages else ("-S",)), "main.py", *args],
-            "env": dict(_PROGRAM_ENV),
-            "cpu_s": cpu_s,
-            "memory_mb": int(memory_mb),
-            "fsize_mb": int(fsize_mb),
-            "max_procs": int(max_procs),
+            "cpu_s": cpu_s, "memory_mb": int(memory_mb), "fsize_mb": int(fsize_mb), "max_procs": int(max_procs),
             "namespaces": namespaces,
             "allow_unsandboxed": _ALLOW_UNSANDBOXED[0] if allow_unsandboxed is None else bool(allow_unsandboxed),
-            "disk_mb": max(1, int(disk_mb)),
-            "disk_inodes": 4096,
-            "binds": binds,
-            "expose": _needs_exposing((os.path.realpath(exe), *binds)),
+            "disk_mb": max(1, int(disk_mb)), "disk_inodes": 4096,
+            "binds": binds, "expose": _needs_exposing((os.path.realpath(exe), *binds)),
         }
         try:
             # No preexec_fn, so CPython spawns with vfork: no copy of this process's page tables.
             launcher = subprocess.Popen(
-                [exe, "-I", "-S", "-B", "-c", _launcher_source(), json.dumps(spec)],
-                stdin=subprocess.DEVNULL,
-                stdout=out_w,
-                stderr=err_w,
-                pass_fds=(status_w,),
-                cwd=tmpdir,
-                env={"PATH": _PROGRAM_ENV["PATH"], "LC_ALL": "C.UTF-8"},
-                start_new_session=True,
+                [exe, "-I", "-S", "-B", "-c", _launcher_source(), json.dumps(spec)], stdin=subprocess.DEVNULL,
+                stdout=out_w, stderr=err_w, pass_fds=(status_w,), cwd=tmpdir,
+                env={"PATH": _PROGRAM_ENV["PATH"], "LC_ALL": "C.UTF-8"}, start_new_session=True,
             )
         except OSError as e:
             return SandboxResult(None, "", "", wall_s=time.monotonic() - t0, setup_error=repr(e))
