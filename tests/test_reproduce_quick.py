@@ -46,7 +46,7 @@ def test_interval_and_collapse_helpers():
 
 @pytest.mark.slow
 def test_reproduce_independent_quick(tmp_path):
-    # the second study's pipeline: its own warm start, 4 estimators x 2 seeds, paired differences, extra table
+    # the second study's pipeline: its own warm start, 4 estimators x 1 seed, paired differences, extra table
     out = tmp_path / "independent"
     p = subprocess.run([sys.executable, "benchmarks/reproduce.py", "--task", "independent", "--quick", "--out",
                         str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -54,8 +54,10 @@ def test_reproduce_independent_quick(tmp_path):
     estimators = ("grpo", "grpo_no_std", "gdpo", "gdpo_no_std")
     assert "| estimator | seeds | format | easy | hard | weighted_sum | collapse_ratio | collapsed runs |" in p.stdout
     for est in estimators:
-        assert f"| {est} | 2 |" in p.stdout
-        cmd = json.loads((out / est / "seed1" / "command.json").read_text())
+        assert f"| {est} | 1 |" in p.stdout
+        rows = [json.loads(x) for x in (out / est / "seed0" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2, 3] and "rewards/hard/mean" in rows[0]
+        cmd = json.loads((out / est / "seed0" / "command.json").read_text())
         assert "rollout.group_size=4" in cmd and any("gdpo.demo.independent:answer_part" in a for a in cmd)
         assert ("advantage.group_std=false" in cmd) == (est == "gdpo_no_std")
     for est in ("grpo", "grpo_no_std", "gdpo_no_std"):
@@ -90,3 +92,12 @@ def test_paired_differences_and_fading_reward():
     assert reproduce.decayed([0.06] * 10 + [0.05] * 10 + [0.01] * 10 + [0.0] * 10)  # 0.06 -> 0.005
     assert not reproduce.decayed([0.06] * 30 + [0.03] * 10)  # half of the start: not below a third
     assert not reproduce.decayed([0.01] * 10 + [0.0] * 30)  # never above 0.02: nothing to fade
+
+
+def test_detectable_effect():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import reproduce
+
+    # 8 seeds, sd 0.04: (2.365 + 0.896) * 0.04 / sqrt(8)
+    assert reproduce.detectable(0.04, 8) == pytest.approx(3.261 * 0.04 / 8**0.5)
+    assert reproduce.detectable(0.04, 50) == pytest.approx((1.96 + 0.842) * 0.04 / 50**0.5)

@@ -77,6 +77,10 @@ def test_sft_mix_flaws_are_what_the_rewards_see() -> None:
         flaws = set(r["flaws"])
         assert e == float("wrong_easy" not in flaws) and h == float("wrong_hard" not in flaws), r
         assert f == float("format" not in flaws), r
+        # one easy step, then two hard steps, or only the first where the completion stops short
+        steps = re.findall(r"= (\d+)", str(r["completion"]).split("<answer>")[0])
+        assert len(steps) == (2 if "wrong_hard" in flaws else 3), r
+        assert str(r["completion"]).split("<answer>")[1].startswith(f"{steps[0]}, {steps[-1]}</answer>"), r
     n = len(rows)
     # independent draws at the configured rates (3 binomial standard errors of 2000 rows is <= 0.034)
     assert sum(easy) / n == pytest.approx(1 - ind.P_WRONG_EASY, abs=0.035)
