@@ -46,7 +46,7 @@ N_TRAIN, N_SFT = 1000, 2000
 # Flaw rates of the SFT mix (independent draws); the warm start imitates them roughly. The tiny model also
 # gets hard problems wrong on its own, so the hard rate at the warm start ends below 1 - P_WRONG_HARD. Targets at
 # the warm start: format ~0.7, easy ~0.5, hard ~0.05.
-P_WRONG_EASY, P_WRONG_HARD, P_BAD_FORMAT = 0.4, 0.9, 0.2
+P_WRONG_EASY, P_WRONG_HARD, P_BAD_FORMAT = 0.4, 0.75, 0.25
 
 _NUMBER = re.compile(r"-?\d+")
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
