@@ -216,6 +216,9 @@ def summarise(runs: dict[str, dict[int, list[dict]]], tail: int, rewards: tuple[
         for r in rewards:
             shares = [sum(m.get(f"adv/{r}/share", float("nan")) for m in ms) / len(ms) for ms in by_seed.values()]
             row[f"share/{r}"] = mean_ci(shares)
+            flat = [sum(m.get(f"adv/{r}/zero_spread_frac", float("nan")) for m in ms) / len(ms)
+                    for ms in by_seed.values()]
+            row[f"no_signal/{r}"] = mean_ci(flat)
         row["collapsed"] = sorted(f"seed {s}: {r}" for s, ms in by_seed.items() for r in rewards
                                   if collapsed([m[f"rewards/{r}/mean"] for m in ms]))
         row["decayed"] = sorted(f"seed {s}: {r}" for s, ms in by_seed.items() for r in rewards
@@ -266,8 +269,10 @@ def table(summary: dict, rewards: tuple[str, ...] = REWARDS) -> str:
 
 
 def table_extra(summary: dict, rewards: tuple[str, ...]) -> str:
-    """Collapse ratio early and late, each reward's share of |advantage|, and the fading-reward test."""
-    cols = ["collapse_ratio_first_q", "collapse_ratio_last_q", *(f"share/{r}" for r in rewards)]
+    """Collapse ratio early and late, each reward's share of |advantage|, the share of groups where a reward takes one
+    value (no signal there), and the fading-reward test."""
+    cols = ["collapse_ratio_first_q", "collapse_ratio_last_q", *(f"share/{r}" for r in rewards),
+            *(f"no_signal/{r}" for r in rewards)]
     lines = ["| estimator | " + " | ".join(cols) + " | faded rewards |", "|---|" + "---|" * len(cols) + "---|"]
     for est, row in summary.items():
         cells = [f"{row[c][0]:.3f} ± {row[c][1]:.3f}" for c in cols]
