@@ -59,9 +59,13 @@ ESTIMATOR_ARGS = {
     "gdpo_no_std": ["advantage.estimator=gdpo", "advantage.group_std=false"],
 }
 # t_{0.975, n-1} for small n (two-sided 95% interval of a mean over seeds)
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086,
+        24: 2.064, 29: 2.045}
 # t_{0.80, n-1}: with T975, the one-sided 80% power term of a paired t-test's smallest detectable effect
-T80 = {1: 1.376, 2: 1.061, 3: 0.978, 4: 0.941, 5: 0.920, 6: 0.906, 7: 0.896, 8: 0.889, 9: 0.883, 10: 0.879}
+T80 = {1: 1.376, 2: 1.061, 3: 0.978, 4: 0.941, 5: 0.920, 6: 0.906, 7: 0.896, 8: 0.889, 9: 0.883, 10: 0.879,
+       11: 0.876, 12: 0.873, 13: 0.870, 14: 0.868, 15: 0.866, 16: 0.865, 17: 0.863, 18: 0.862, 19: 0.861, 20: 0.860,
+       24: 0.857, 29: 0.854}
 
 
 def run_args_independent(sft: Path, estimator: str, seed: int, steps: int, run_dir: Path,
@@ -136,6 +140,13 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def t975(df: int) -> float:
+    """t_{0.975, df}: the table, the next smaller tabulated df between entries (conservative), 1.96 past 29."""
+    if df > 29:
+        return 1.96
+    return T975[max(k for k in T975 if k <= df)]
+
+
 def mean_ci(xs: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95% t-interval (0 for one value)."""
     n = len(xs)
@@ -143,7 +154,7 @@ def mean_ci(xs: list[float]) -> tuple[float, float]:
     if n < 2:
         return m, 0.0
     sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
-    return m, T975.get(n - 1, 1.96) * sd / math.sqrt(n)
+    return m, t975(n - 1) * sd / math.sqrt(n)
 
 
 def collapsed(series: list[float], *, reached: float = 0.2, floor: float = 0.02) -> bool:
@@ -183,9 +194,10 @@ def paired(runs: dict[str, dict[int, list[dict]]], rewards: tuple[str, ...], tai
 
 def detectable(sd: float, n: int) -> float:
     """Smallest true mean difference a two-sided 5% paired t-test over ``n`` seeds finds with 80% power, given the
-    sd of the per-seed differences: (t_{0.975} + t_{0.80}) * sd / sqrt(n), df = n - 1 (normal quantiles past 10)."""
+    sd of the per-seed differences: (t_{0.975} + t_{0.80}) * sd / sqrt(n), df = n - 1 (normal quantiles past 29)."""
     df = n - 1
-    return (T975.get(df, 1.96) + T80.get(df, 0.842)) * sd / math.sqrt(n)
+    t80 = 0.842 if df > 29 else T80[max(k for k in T80 if k <= df)]
+    return (t975(df) + t80) * sd / math.sqrt(n)
 
 
 def smooth(xs: list[float], w: int) -> list[float]:
@@ -289,7 +301,7 @@ def table_paired(diffs: dict, rewards: tuple[str, ...], base: str = "gdpo") -> s
         lines.append(f"| {est} | " + " | ".join(cells) + " |")
         n = row[cols[0]][3]
         if n > 1:  # sd of the differences, back out of the interval's half-width
-            mde = [detectable(row[c][1] * math.sqrt(n) / T975.get(n - 1, 1.96), n) for c in cols]
+            mde = [detectable(row[c][1] * math.sqrt(n) / t975(n - 1), n) for c in cols]
             lines.append(f"| (detectable at 80% power, {n} seeds) | " + " | ".join(f"{x:.3f}" for x in mde) + " |")
     return "\n".join(lines)
 

@@ -101,3 +101,7 @@ def test_detectable_effect():
     # 8 seeds, sd 0.04: (2.365 + 0.896) * 0.04 / sqrt(8)
     assert reproduce.detectable(0.04, 8) == pytest.approx(3.261 * 0.04 / 8**0.5)
     assert reproduce.detectable(0.04, 50) == pytest.approx((1.96 + 0.842) * 0.04 / 50**0.5)
+    assert reproduce.detectable(0.04, 16) == pytest.approx((2.131 + 0.866) * 0.04 / 4)
+    # 16 seeds: t(0.975, 15) = 2.131, not the normal 1.96; 22 seeds falls back to the df-20 entry (conservative)
+    assert reproduce.mean_ci([0.0, 1.0] * 8)[1] == pytest.approx(2.131 * (16 / 15 / 4) ** 0.5 / 4)
+    assert reproduce.t975(21) == 2.086 and reproduce.t975(40) == 1.96
