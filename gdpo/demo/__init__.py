@@ -1,6 +1,9 @@
 """The embedded default task behind ``make demo``: arithmetic word problems, a tokenizer and a tiny
 Qwen2 model built in code, and a cached supervised warm start. Nothing is downloaded.
 
+A second task, ``gdpo.demo.independent`` (an easy and a hard question per prompt, three independent rewards),
+backs ``benchmarks/reproduce.py --task independent``; it shares this package's tokenizer, model and warm start.
+
 Exports are resolved lazily (PEP 562) so that ``python -m gdpo.demo.task --write`` does not import
 ``gdpo.demo.task`` twice, and so that importing the package does not pull in torch/transformers
 until a model or tokenizer is actually asked for.
