@@ -101,19 +101,6 @@ def test_resume_equals_uninterrupted(tiny_dir, tmp_path):
     assert not all(torch.equal(a[k], _params(tiny_dir)[k]) for k in a)
 
 
-def test_constant_groups_need_every_reward_constant():
-    from gdpo.sampling import constant_groups as _constant_groups
-
-    nan = float("nan")
-    r = torch.tensor([
-        [1, 0], [1, 0],      # both constant -> dropped
-        [1, 0], [0, 1],      # sums constant (1, 1) but each reward varies -> kept: GDPO has signal here
-        [1, nan], [1, 1],    # reward 1 applies once only, reward 0 constant -> dropped
-        [0, 1], [0, 0],      # reward 1 varies -> kept
-    ], dtype=torch.float32)
-    assert _constant_groups(r, 2).tolist() == [True, False, True, False]
-
-
 def test_dynamic_sampling_run(tiny_dir, tmp_path):
     from gdpo.trainer import train
 
