@@ -32,15 +32,19 @@ __all__ = ["code_pass", "code_bug", "extract_code", "parse_tests", "run_asserts"
 
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
-# Call-based harness. It reads its instructions from stdin, then points fd 0 at /dev/null so the program
-# cannot re-read them (and the nonce that marks the genuine result line).
-_HARNESS = r"""
+# Both harnesses read their instructions from stdin, then point fd 0 at /dev/null so the program cannot re-read
+# them (and the nonce that marks the genuine result line).
+_STDIN_PROLOGUE = r"""
 import json, os, sys
 _spec = json.loads(sys.stdin.read())
 _fd = os.open(os.devnull, os.O_RDONLY)
 os.dup2(_fd, 0)
 os.close(_fd)
 sys.stdin = open(0, closefd=False)
+"""
+
+# Call-based harness.
+_HARNESS = _STDIN_PROLOGUE + r"""
 with open("solution.py", encoding="utf-8", errors="replace") as _f:
     _src = _f.read()
 _ns = {"__name__": "__sandbox__", "__builtins__": __builtins__}
@@ -58,13 +62,7 @@ sys.stdout.write("\n" + _spec["nonce"] + json.dumps(_out, default=repr) + "\n")
 
 # Assert-style harness: the program, then the setup, then each case, in one process. One result line per case
 # (after the nonce the program cannot know): "pass", "fail" (AssertionError) or "error" (any other exception).
-_ASSERT_HARNESS = r"""
-import json, os, sys
-_spec = json.loads(sys.stdin.read())
-_fd = os.open(os.devnull, os.O_RDONLY)
-os.dup2(_fd, 0)
-os.close(_fd)
-sys.stdin = open(0, closefd=False)
+_ASSERT_HARNESS = _STDIN_PROLOGUE + r"""
 _nonce = _spec["nonce"]
 def _report(i, status):
     sys.stdout.flush()
