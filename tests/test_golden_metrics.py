@@ -3,6 +3,7 @@
 The values were recorded on 2026-12-02 with the loop as it stood before it was split into components
 (gdpo/trainer.py at b4e87c7): configs/tiny_gdpo.yaml on a short warm start (150 SFT steps on 512 rows, so the
 rewards have signal), 4 prompts x G=4, 24 new tokens, fp32, one thread. The split reproduced them exactly.
+The model-side sums (loss, entropy, gradient norm) are held to 5e-4 only: their rounding differs between CPUs.
 """
 
 import json
@@ -46,5 +47,10 @@ def test_first_three_demo_steps_are_pinned(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for row, want in zip(rows, GOLDEN):
-        got = {k: row[k] for k in want}
-        assert got == pytest.approx(want, rel=1e-6, abs=1e-9), row["step"]
+        # the sampled tokens, their rewards and advantages are exact; loss, entropy and gradient norm are float
+        # sums over the model, whose rounding follows the CPU's kernels: on an AVX512 machine (2026-12-02, fourth
+        # session) they came out up to 8e-5 (relative) off the recording, with identical rewards and lengths
+        exact = {k: v for k, v in want.items() if k.split("/")[0] in ("rewards", "len", "adv")}
+        floaty = {k: v for k, v in want.items() if k not in exact}
+        assert {k: row[k] for k in exact} == pytest.approx(exact, rel=1e-6, abs=1e-9), row["step"]
+        assert {k: row[k] for k in floaty} == pytest.approx(floaty, rel=5e-4), row["step"]
