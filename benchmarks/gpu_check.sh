@@ -8,7 +8,7 @@
 #   2. benchmarks/advantage.py on CUDA: Triton vs eager torch (goal >= 5x at N*K >= 1M) and the share of the
 #      device-to-device copy bandwidth (goal >= 60% at the largest size);
 #   3. a bf16 training step of a 0.48B Qwen2 built from a config, HF backend, fixed vs token-budget micro-batches:
-#      tokens/s and peak GPU memory (benchmarks/gpu_step.py);
+#      tokens/s and peak GPU memory (benchmarks/gpu_step.py); packed micro-batches too where flash-attn is installed;
 #   4. train.py for 2 steps in one process on NCCL (catches CPU tensors sent to an NCCL group).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,7 +44,7 @@ say "exit $?"; tail -40 "$OUT/2_advantage.log" >> "$REPORT"
 
 section "3. bf16 training step, 0.48B Qwen2, HF backend"
 timeout 200 python3 benchmarks/gpu_step.py --out "$OUT/3_step.json" > "$OUT/3_step.log" 2>&1
-say "exit $?"; grep -E "^(gdpo|variant|fixed|token_budget|command)" "$OUT/3_step.log" >> "$REPORT"
+say "exit $?"; grep -E "^(gdpo|variant|fixed|token_budget|packed|command)" "$OUT/3_step.log" >> "$REPORT"
 tail -5 "$OUT/3_step.log" | grep -iE "error|Traceback" >> "$REPORT"
 
 section "4. train.py, 1 process on NCCL, 2 steps"

@@ -1,5 +1,7 @@
 """A bf16 training step of a ~0.5B-parameter Qwen2 (built from a config, no hub download), HF backend, with fixed
-micro-batches and with token-budget ones: tokens/s and peak GPU memory, side by side in one process.
+micro-batches, with token-budget ones, and (where flash-attn is installed) with padding-free packed token-budget
+ones (loss.packing, flash_attention_2): tokens/s, peak GPU memory and the update's padding share, side by side in
+one process.
 
     python benchmarks/gpu_step.py                  # on a GPU: Qwen2.5-0.5B shapes, 32 layers, the byte tokenizer
     python benchmarks/gpu_step.py --quick          # smoke run (CPU or GPU, tiny sizes)
@@ -14,6 +16,7 @@ reads its own metrics; peak memory is torch.cuda.max_memory_allocated over the v
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
@@ -51,7 +54,7 @@ def build_model_dir(s: dict, out: Path, device: str) -> int:
     return n_params
 
 
-def run_variant(s: dict, model_dir: Path, work: Path, name: str, loss: dict) -> dict:
+def run_variant(s: dict, model_dir: Path, work: Path, name: str, loss: dict, model: dict | None = None) -> dict:
     from gdpo.config import config_from_dict
     from gdpo.trainer import train
 
@@ -59,7 +62,7 @@ def run_variant(s: dict, model_dir: Path, work: Path, name: str, loss: dict) -> 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     cfg = config_from_dict({
-        "model": {"name_or_path": str(model_dir)},
+        "model": {"name_or_path": str(model_dir), **(model or {})},
         "data": {"path": str(ROOT / "gdpo/demo/train.jsonl"), "max_samples": 256},
         "rollout": {"group_size": s["group"], "prompts_per_step": s["prompts"], "max_new_tokens": s["new_tokens"]},
         "rewards": {"num_workers": 1, "functions": [{"name": "digits", "fn": "vs_trl:digit_share"},
@@ -79,7 +82,9 @@ def run_variant(s: dict, model_dir: Path, work: Path, name: str, loss: dict) -> 
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     return {"variant": name, "step_s": step, "generate_s": statistics.median(r["time/generate"] for r in rows),
             "update_s": statistics.median(r["time/update"] for r in rows), "completion_tokens": tokens,
-            "tokens_per_s": tokens / step, "peak_gpu_gib": peak, "wall_s": wall}
+            "tokens_per_s": tokens / step, "peak_gpu_gib": peak, "wall_s": wall,
+            "pad_frac": statistics.median(r["optim/pad_frac"] for r in rows),
+            "micro_batches": statistics.median(r["optim/micro_batches"] for r in rows)}
 
 
 def main() -> None:
@@ -94,16 +99,23 @@ def main() -> None:
         n = build_model_dir(s, tmp / "model", device)
         rows = [run_variant(s, tmp / "model", tmp, "fixed", {"micro_batch_size": s["micro"]}),
                 run_variant(s, tmp / "model", tmp, "token_budget", {"max_tokens_per_micro_batch": s["budget"]})]
+        if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+            rows.append(run_variant(s, tmp / "model", tmp, "packed",
+                                    {"max_tokens_per_micro_batch": s["budget"], "packing": True},
+                                    {"attn_implementation": "flash_attention_2"}))
+        else:
+            print("packed: skipped (needs CUDA and flash-attn for model.attn_implementation=flash_attention_2)")
     dtype = "bf16" if device == "cuda" else "fp32"
     print(f"gdpo training step, Qwen2 {n / 1e9:.2f}B parameters ({s['layers']} layers, hidden {s['hidden']}), {dtype}"
           f" on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; {s['prompts']} prompts x G="
           f"{s['group']} x <= {s['new_tokens']} tokens, HF backend; median of {s['steps']} steps after "
           f"{s['warmup']} warm-up")
     print(f"{'variant':14s} {'step s':>8s} {'gen s':>7s} {'upd s':>7s} {'tokens':>7s} {'tokens/s':>9s} "
-          f"{'peak GiB':>9s}")
+          f"{'peak GiB':>9s} {'pad':>5s} {'micro':>5s}")
     for r in rows:
         print(f"{r['variant']:14s} {r['step_s']:8.2f} {r['generate_s']:7.2f} {r['update_s']:7.2f} "
-              f"{r['completion_tokens']:7.0f} {r['tokens_per_s']:9.0f} {r['peak_gpu_gib']:9.2f}")
+              f"{r['completion_tokens']:7.0f} {r['tokens_per_s']:9.0f} {r['peak_gpu_gib']:9.2f} "
+              f"{r['pad_frac']:5.2f} {r['micro_batches']:5.0f}")
     print("command: python benchmarks/gpu_step.py" + (" --quick" if a.quick else ""))
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=1))

@@ -266,6 +266,14 @@ class LossConfig:
     and packed into micro-batches of at most this many tokens (rows x longest prompt + completion in it), each
     trimmed to its own longest row, for the update and the log-prob passes. The loss is the same as with fixed
     micro-batches. Excludes ``micro_batch_size``."""
+    packing: bool = False
+    """Padding-free micro-batches (verl's use_remove_padding, OpenRLHF's packing): each micro-batch's rows without
+    their padding are concatenated into one sequence, position ids restarting per row, for the update and the
+    log-prob passes; the same loss, no compute on padding. With ``max_tokens_per_micro_batch`` a micro-batch then
+    holds that many real tokens. Takes effect where the attention has a variable-length kernel
+    (model.attn_implementation flash_attention_2 / flash_attention_3, i.e. flash-attn installed, on GPU) and a
+    probe at start finds packed rows kept apart; elsewhere (sdpa, eager, flex_attention; every CPU run) training
+    runs padded and the start says why."""
     is_correction: bool = True
     """Truncated importance weights for the gap between the engine's sampling log-probs and the trainer's (when
     the engine returns log-probs)."""

@@ -148,6 +148,13 @@ def _dry_run(cfg: Config, out: Callable[[str], None]) -> None:
     out("batch plan: " + ", ".join(f"{k}={v}" for k, v in plan.as_dict().items())
         + f", micro_batches_per_update={plan.grad_accum}, minibatches_per_epoch={plan.minibatches_per_epoch}, "
         f"epochs={plan.epochs}")
+    if cfg.loss.packing:
+        from gdpo.policy.model import VARLEN_ATTENTION
+
+        impl = cfg.model.attn_implementation
+        out("loss.packing: " + (f"on if the start's probe passes ({impl})" if impl in VARLEN_ATTENTION else
+                                f"off: model.attn_implementation {impl or 'default (sdpa)'} has no variable-length "
+                                f"kernel; training runs padded (one of {', '.join(VARLEN_ATTENTION)} packs)"))
     out(f"tokens per step at the max lengths: {plan.rows_per_step} rollouts x ({prompt_max} prompt "
         f"+ {cfg.rollout.max_new_tokens} completion) = {plan.rows_per_step * max_seq:,} "
         f"({plan.rows_per_rank * max_seq:,} per rank); with this data's longest prompt "

@@ -168,6 +168,8 @@ def step_metrics(
             m.mean(f"loss/{k}", v)
     m.mean("optim/grad_norm", upd.grad_norm)
     m.mean("optim/lr", upd.lr)
+    m.max("optim/micro_batches", upd.micro_batches)  # forwards + backwards per step (ranks agree under a budget)
+    m.mean("optim/pad_frac", upd.pad_frac)  # share of the update's forward positions that were padding
     lengths = sb.rollout.completion_lengths.double()
     m.mean_of("len/mean", lengths)
     m.max("len/max", lengths.max().item())

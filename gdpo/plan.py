@@ -24,6 +24,7 @@ class BatchPlan:
     epochs: int
     updates_per_step: int  # optimizer steps per training step
     token_budget: int = 0  # max tokens per micro-batch (0 = fixed micro-batches of micro_batch_rows)
+    packed: bool = False  # padding-free micro-batches (loss.packing, where the attention supports it)
 
     @property
     def rows_per_step(self) -> int:

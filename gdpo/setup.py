@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +125,21 @@ def load_models(cfg: Config, model_path: str, device: torch.device):
     return tokenizer, model, ref_model
 
 
+def choose_packing(cfg: Config, plan: BatchPlan, model) -> BatchPlan:
+    """The plan with padding-free micro-batches if loss.packing asks for them and the model's attention supports
+    them (`gdpo.policy.model.packing_problem`); otherwise unchanged, and the start says why (main rank). Every rank
+    runs the same probe, so all of them decide alike."""
+    if not cfg.loss.packing:
+        return plan
+    from gdpo.policy.model import packing_problem
+
+    problem = packing_problem(model)
+    if dist.is_main():
+        print(f"gdpo: loss.packing: {'off: ' + problem + '; training runs padded' if problem else 'on'}",
+              flush=True)
+    return plan if problem else replace(plan, packed=True)
+
+
 def load_data(cfg: Config, data_path: str, system_prompt: str | None, tokenizer,
               context_length: int | None) -> PromptDataset:
     """The prompts, rendered exactly as the model sees them (gdpo.data.render_prompt: the template filled first,
@@ -204,6 +219,7 @@ def setup(cfg: Config) -> TrainContext:
                         max_tokens_per_micro_batch=cfg.loss.max_tokens_per_micro_batch)
     model_path, data_path, system_prompt = resolve_demo(cfg, run_dir)
     tokenizer, model, ref_model = load_models(cfg, model_path, info.device)
+    plan = choose_packing(cfg, plan, model)
     dataset = load_data(cfg, data_path, system_prompt, tokenizer,
                         getattr(model.config, "max_position_embeddings", None))
     order = PromptIterator(len(dataset), cfg.rollout.prompts_per_step, seed=cfg.train.seed, shuffle=cfg.data.shuffle)

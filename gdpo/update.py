@@ -79,7 +79,7 @@ def frozen_logprobs(
     def run(model: torch.nn.Module) -> torch.Tensor:
         return token_logprobs_batched(model, x.input_ids, x.attention_mask, x.prompt_len, micro_batches=micros,
                                       temperature=temperature, chunk_size=chunk_size, top_p=top_p,
-                                      top_k=top_k).logprobs
+                                      top_k=top_k, packed=plan.packed).logprobs
 
     old = run(policy) if need_old else None
     ref = None
@@ -97,6 +97,13 @@ class UpdateStats:
     grad_norms: list[float] = field(default_factory=list)  # one per optimizer step (NaN where not reported)
     lrs: list[float] = field(default_factory=list)
     micro_batches: int = 0
+    tokens_real: int = 0  # prompt + completion tokens of the rows trained on, summed over micro-batches
+    tokens_computed: int = 0  # the positions the forwards ran: tokens_real packed, rows x width padded
+
+    @property
+    def pad_frac(self) -> float:
+        """Share of the update's forward positions that were padding (0 when packed)."""
+        return 1.0 - self.tokens_real / self.tokens_computed if self.tokens_computed else float("nan")
 
     @property
     def grad_norm(self) -> float:
@@ -108,8 +115,10 @@ class UpdateStats:
         return self.lrs[-1] if self.lrs else float("nan")
 
 
-def budget_micro_batches(lengths: torch.Tensor, budget: int, count: int | None = None) -> list[torch.Tensor]:
-    """Rows [n] packed into micro-batches of at most ``budget`` padded tokens (rows x the longest row in it).
+def budget_micro_batches(lengths: torch.Tensor, budget: int, count: int | None = None,
+                         packed: bool = False) -> list[torch.Tensor]:
+    """Rows [n] packed into micro-batches of at most ``budget`` padded tokens (rows x the longest row in it), or
+    with ``packed`` (the padding-free path) of at most ``budget`` real tokens (the sum of its rows' lengths).
 
     Rows are sorted longest first, so each micro-batch holds rows of similar length and is trimmed to its first
     row; a row longer than the budget gets a micro-batch of its own. ``count``: split the costliest micro-batches
@@ -120,12 +129,21 @@ def budget_micro_batches(lengths: torch.Tensor, budget: int, count: int | None =
     [[1, 3], [2, 0, 4]]
     >>> [c.tolist() for c in budget_micro_batches(torch.tensor([2, 9, 3, 8, 1]), 18, count=3)]
     [[1], [3], [2, 0, 4]]
+    >>> [c.tolist() for c in budget_micro_batches(torch.tensor([2, 9, 3, 8, 1]), 20)]
+    [[1, 3], [2, 0, 4]]
+    >>> [c.tolist() for c in budget_micro_batches(torch.tensor([2, 9, 3, 8, 1]), 20, packed=True)]
+    [[1, 3, 2], [0, 4]]
     """
     order = torch.argsort(lengths, descending=True, stable=True).tolist()
+    L = [int(v) for v in lengths]
+
+    def cost(rows: list[int]) -> int:
+        return sum(L[r] for r in rows) if packed else len(rows) * L[rows[0]]
+
     chunks: list[list[int]] = [[]]
     for i in order:
         cur = chunks[-1]
-        if cur and (len(cur) + 1) * int(lengths[cur[0]]) > budget:
+        if cur and cost(cur + [i]) > budget:
             chunks.append(cur := [])
         cur.append(i)
     if count is not None:
@@ -134,7 +152,7 @@ def budget_micro_batches(lengths: torch.Tensor, budget: int, count: int | None =
         while len(chunks) < count:
             # split the costliest micro-batch that has two rows or more
             j = max((k for k in range(len(chunks)) if len(chunks[k]) > 1),
-                    key=lambda k: len(chunks[k]) * int(lengths[chunks[k][0]]))
+                    key=lambda k: cost(chunks[k]))
             c = chunks.pop(j)
             chunks[j:j] = [c[: len(c) // 2], c[len(c) // 2 :]]
     return [torch.tensor(c, dtype=torch.long) for c in chunks]
@@ -142,13 +160,17 @@ def budget_micro_batches(lengths: torch.Tensor, budget: int, count: int | None =
 
 def _micro_batches(x: TrainTensors, rows: torch.Tensor, plan: BatchPlan) -> list[torch.Tensor]:
     """The micro-batches of ``rows`` [m]: fixed slices of plan.micro_batch_rows, or token-budget ones whose number
-    is the largest any rank needs (agreed by an all-reduce)."""
+    is the largest any rank needs (agreed by an all-reduce). Packed (plan.packed), a row costs its real tokens;
+    padded, the prompt width plus its completion."""
     if not plan.token_budget:
         return [rows[s : s + plan.micro_batch_rows] for s in range(0, len(rows), plan.micro_batch_rows)]
-    lengths = (x.prompt_len + x.completion_mask[rows].sum(1)).long().cpu()  # [m] tokens per row, prompt width
-    count = len(budget_micro_batches(lengths, plan.token_budget))
+    if plan.packed:
+        lengths = x.attention_mask[rows].sum(1).long().cpu()  # [m] real prompt + completion tokens
+    else:
+        lengths = (x.prompt_len + x.completion_mask[rows].sum(1)).long().cpu()  # [m] tokens per row, prompt width
+    count = len(budget_micro_batches(lengths, plan.token_budget, packed=plan.packed))
     count = int(dist.all_reduce(torch.tensor([float(count)]), "max").item())
-    return [rows[c.to(rows.device)] for c in budget_micro_batches(lengths, plan.token_budget, count)]
+    return [rows[c.to(rows.device)] for c in budget_micro_batches(lengths, plan.token_budget, count, plan.packed)]
 
 
 def _minibatches(n: int, plan: BatchPlan, epochs: int):
@@ -171,19 +193,19 @@ def _is_weights(old: torch.Tensor, samp: torch.Tensor | None, mask: torch.Tensor
 def _micro_step(engine, x: TrainTensors, rows: torch.Tensor, advantages: torch.Tensor, frozen: FrozenLogprobs, *,
                 num_tokens: float, scale: float | None, report: float, loss_kwargs: dict[str, Any],
                 temperature: float, chunk_size: int, is_correction: bool, is_cap: float, top_p: float = 1.0,
-                top_k: int = 0):
+                top_k: int = 0, packed: bool = False):
     """Forward, loss, backward and (at the boundary) optimizer step of one micro-batch, trimmed to its longest row.
 
     scale: multiply the loss before a backward without the engine's grad_accum division (None: the engine's
     managed accumulation). report: factor that makes the logged loss the minibatch's (see update_policy).
-    Returns (the micro-batch's stats, the optimizer step's stats or None).
+    Returns (the micro-batch's stats, the optimizer step's stats or None, (real tokens, computed positions)).
     """
     t = max(int(x.completion_mask[rows].sum(1).max()), 1)  # trailing padding costs compute, changes nothing
     cols = slice(0, x.prompt_len + t)
     mask = x.completion_mask[rows, :t]
     out = dist.engine_forward(engine, token_logprobs, x.input_ids[rows, cols], x.attention_mask[rows, cols],
                               x.prompt_len, return_entropy=True, temperature=temperature, chunk_size=chunk_size,
-                              top_p=top_p, top_k=top_k)
+                              top_p=top_p, top_k=top_k, packed=packed)
     old = out.logprobs.detach() if frozen.old is None else frozen.old[rows, :t]
     samp = None if x.sampling_logprobs is None else x.sampling_logprobs[rows, :t]
     is_w, gap = _is_weights(old, samp, mask, correct=is_correction, cap=is_cap)
@@ -203,7 +225,8 @@ def _micro_step(engine, x: TrainTensors, rows: torch.Tensor, advantages: torch.T
     values["entropy"] = float(entropy)
     if gap is not None:
         values["logprob_gap"] = gap
-    return values, step
+    real = int(x.attention_mask[rows, cols].sum())
+    return values, step, (real, real if packed else len(rows) * (x.prompt_len + t))
 
 
 def update_policy(
@@ -243,15 +266,15 @@ def update_policy(
                 # its share of the minibatch's (the engine's own division by grad_accum is off)
                 engine.set_gradient_accumulation_boundary(i == len(micros) - 1)
                 share = len(rows) / len(mb) if seq_agg else 1.0
-                values, step = _micro_step(engine, x, rows, advantages, frozen, num_tokens=tokens, scale=share,
-                                           report=len(micros), loss_kwargs=loss_kwargs, temperature=temperature,
-                                           chunk_size=chunk_size, is_correction=is_correction, is_cap=is_cap,
-                                           top_p=top_p, top_k=top_k)
+                scaling = dict(num_tokens=tokens, scale=share, report=len(micros))
             else:  # fixed micro-batches: DeepSpeed divides each loss by grad_accum and finds the boundary itself
-                values, step = _micro_step(engine, x, rows, advantages, frozen, num_tokens=tokens / plan.grad_accum,
-                                           scale=None, report=1, loss_kwargs=loss_kwargs, temperature=temperature,
-                                           chunk_size=chunk_size, is_correction=is_correction, is_cap=is_cap,
-                                           top_p=top_p, top_k=top_k)
+                scaling = dict(num_tokens=tokens / plan.grad_accum, scale=None, report=1)
+            values, step, counted = _micro_step(engine, x, rows, advantages, frozen, **scaling,
+                                                loss_kwargs=loss_kwargs, temperature=temperature,
+                                                chunk_size=chunk_size, is_correction=is_correction, is_cap=is_cap,
+                                                top_p=top_p, top_k=top_k, packed=plan.packed)
+            stats.tokens_real += counted[0]
+            stats.tokens_computed += counted[1]
             if step is not None:
                 stats.grad_norms.append(step.grad_norm if step.grad_norm is not None else float("nan"))
                 stats.lrs.append(step.lr)

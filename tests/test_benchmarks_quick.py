@@ -1,5 +1,6 @@
 """The benchmark scripts' quick modes run and print their tables."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,10 +91,24 @@ def test_gpu_step_benchmark_quick(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
     rows = {r["variant"]: r for r in __import__("json").loads(out.read_text())}
-    assert set(rows) == {"fixed", "token_budget"}
+    assert set(rows) == {"fixed", "token_budget"}  # "packed" needs CUDA and flash-attn
     for r in rows.values():
         assert r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["completion_tokens"] > 0
+        assert 0 <= r["pad_frac"] < 1 and r["micro_batches"] >= 1
     assert "command: python benchmarks/gpu_step.py --quick" in p.stdout
+
+
+def test_packing_benchmark_quick():
+    """benchmarks/packing.py: padded vs packed token-budget updates run side by side; packed computes no padding."""
+    p = subprocess.run([sys.executable, "benchmarks/packing.py", "--quick"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-4000:]
+    lines = {ln.split()[0]: ln.split() for ln in p.stdout.splitlines() if ln.startswith(("padded ", "packed "))}
+    assert set(lines) == {"padded", "packed"}
+    assert float(lines["packed"][-1]) == 0.0 and float(lines["padded"][-1]) > 0.1  # the padding share
+    assert int(lines["packed"][-3]) < int(lines["padded"][-3])  # positions computed
+    assert "ratio packed / padded (sdpa, no varlen kernel): update " in p.stdout
+    assert "command: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/packing.py --quick" in p.stdout
 
 
 def test_microbatch_memory_benchmark_quick():

@@ -185,3 +185,13 @@ def test_dry_run_checks_prompts_against_the_models_context(capsys):
     rc, lines = _dry("tiny_gdpo", ["rollout.max_new_tokens=485"])  # 27 tokens left: the shorter prompts fit
     assert rc == 0 and any("prompt_exceeds_context" in ln for ln in lines if ln.startswith("data: "))
     assert any("context: 512 tokens (the demo model)" in ln for ln in lines)
+
+
+def test_dry_run_says_whether_packing_takes_effect():
+    rc, lines = _dry("tiny_gdpo", ["loss.packing=true"])
+    assert rc == 0 and ("loss.packing: off: model.attn_implementation default (sdpa) has no variable-length kernel; "
+                        "training runs padded (one of flash_attention_2, flash_attention_3 packs)") in lines
+    rc, lines = _dry("tiny_gdpo", ["loss.packing=true", "model.attn_implementation=flash_attention_2"])
+    assert rc == 0 and "loss.packing: on if the start's probe passes (flash_attention_2)" in lines
+    rc, lines = _dry("tiny_gdpo", [])
+    assert rc == 0 and not any(ln.startswith("loss.packing") for ln in lines)

@@ -120,6 +120,34 @@ def test_dynamic_sampling_run(tiny_dir, tmp_path):
     assert m["sampling/rounds"] == 2 and m["sampling/dropped_groups"] == 4  # 2 groups a round, refilled after 2
 
 
+def test_packing_through_the_loop_takes_effect_or_says_why(tiny_dir, tmp_path, capsys, monkeypatch):
+    """loss.packing on CPU (sdpa): the start says packing is off and why, and the step is the padded one exactly;
+    with sdpa admitted as a packing attention (its block-diagonal mask is exact), the step runs packed: the same
+    loss and gradient norm to rounding."""
+    from gdpo.policy import model as pm
+    from gdpo.trainer import train
+
+    common = [f"model.name_or_path={tiny_dir}", "train.steps=1", *TINY, "checkpoint.save_final=false",
+              "loss.max_tokens_per_micro_batch=64"]
+
+    def run(name, *extra):
+        m = train(load_config(ROOT / "configs/tiny_gdpo.yaml", [*common, f"train.run_dir={tmp_path / name}", *extra]))
+        return m, capsys.readouterr().out
+
+    padded, out = run("padded")
+    assert "loss.packing" not in out
+    note, out = run("note", "loss.packing=true")
+    assert "gdpo: loss.packing: off: the sdpa attention has no variable-length kernel" in out
+    assert "training runs padded" in out
+    assert note["loss/loss"] == padded["loss/loss"] and note["optim/grad_norm"] == padded["optim/grad_norm"]
+    monkeypatch.setattr(pm, "VARLEN_ATTENTION", ("sdpa",))
+    packed, out = run("packed", "loss.packing=true")
+    assert "gdpo: loss.packing: on" in out
+    assert packed["loss/loss"] == pytest.approx(padded["loss/loss"], abs=1e-6)
+    assert packed["optim/grad_norm"] == pytest.approx(padded["optim/grad_norm"], rel=1e-5)
+    assert packed["optim/grad_norm"] > 0
+
+
 def test_token_budget_micro_batches_run_through_the_loop(tiny_dir, tmp_path):
     """loss.max_tokens_per_micro_batch reaches the update: a step runs with it, and setting it together with
     loss.micro_batch_size is refused at start."""

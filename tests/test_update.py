@@ -1,5 +1,7 @@
 """update_policy (epochs x minibatches x micro-batches through the DeepSpeed engine) against plain torch AdamW."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -105,13 +107,18 @@ def test_one_update_reuses_the_current_forward_and_reports_the_sampling_gap():
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
 def test_token_budget_gradients_equal_fixed_micro_batches(aggregation):
     """The gradient each optimizer step receives: token-budget micro-batches (sorted, trimmed, varying in number)
-    == fixed micro-batches of 2 == one micro-batch per minibatch, to 1e-6 (fp32, no clipping)."""
+    == fixed micro-batches of 2 == one micro-batch per minibatch, to 1e-6 (fp32, no clipping); and the same with
+    padding-free (packed) micro-batches, fixed or token-budget ones."""
     tok = tiny_tokenizer()
     x, adv = _batch()
     grads = {}
-    for name, micro, budget in (("whole", 0, 0), ("fixed", 2, 0), ("budget", 0, 18)):
+    micros = {}
+    # packed_*: padding-free micro-batches (loss.packing; sdpa's block-diagonal mask on CPU), fixed or 18 real tokens
+    for name, micro, budget, packed in (("whole", 0, 0, False), ("fixed", 2, 0, False), ("budget", 0, 18, False),
+                                        ("packed_fixed", 2, 0, True), ("packed_budget", 0, 18, True)):
         plan = plan_batches(prompts_per_step=4, group_size=2, world_size=1, minibatch_size=4, micro_batch_size=micro,
                             epochs=1, max_tokens_per_micro_batch=budget)
+        plan = dataclasses.replace(plan, packed=packed)
         engine = build_engine(tiny_model(tokenizer=tok, seed=0), lr=LR, total_steps=2, grad_clip=0.0,
                               micro_batch_size=plan.micro_batch_rows, grad_accum_steps=plan.grad_accum)
         seen = []
@@ -125,11 +132,13 @@ def test_token_budget_gradients_equal_fixed_micro_batches(aggregation):
         frozen = frozen_logprobs(engine.module, None, x, need_old=True, plan=plan, temperature=1.0, chunk_size=4)
         kwargs = dict(eps_low=0.2, eps_high=0.28, aggregation=aggregation, beta=0.0, max_len=T)
         torch.manual_seed(0)
-        update_policy(engine, x, adv, frozen, plan, loss_kwargs=kwargs, temperature=1.0, chunk_size=4)
+        st = update_policy(engine, x, adv, frozen, plan, loss_kwargs=kwargs, temperature=1.0, chunk_size=4)
         assert len(seen) == 2
-        grads[name] = seen
-    for other in ("fixed", "budget"):
+        grads[name], micros[name] = seen, st.micro_batches
+    for other in ("fixed", "budget", "packed_fixed", "packed_budget"):
         for a, b in zip(grads["whole"], grads[other]):
             for ga, gb in zip(a, b):
                 torch.testing.assert_close(gb, ga, atol=1e-6, rtol=1e-5)
+    # 18 real tokens hold more rows than 18 padded ones: fewer micro-batches (rows of 5..10 tokens)
+    assert micros["packed_budget"] < micros["budget"] and micros["packed_fixed"] == micros["fixed"] == 4
     assert max(g.abs().max().item() for g in grads["whole"][0]) > 1e-3  # there is a gradient to compare

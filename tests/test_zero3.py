@@ -111,7 +111,8 @@ def test_advantages_of_split_batch_equal_one_process(parity):
     assert (torch.tensor(two["adv_rank_local"]) - whole).abs().max() > 0.1  # measured 0.34
 
 
-@pytest.mark.parametrize("mode", ["seq_mean", "token_mean", "seq_mean_budget", "token_mean_budget"])
+@pytest.mark.parametrize("mode", ["seq_mean", "token_mean", "seq_mean_budget", "token_mean_budget",
+                                  "token_mean_packed"])
 def test_two_zero3_steps_on_two_ranks_match_one_process_and_plain_torch(parity, mode):
     two, one, tp, op = parity["two"], parity["one"], parity["two_p"], parity["one_p"]
     lr = two["lr"]

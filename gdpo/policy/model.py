@@ -224,6 +224,31 @@ def _completion_hidden(hf_model, decoder, input_ids, attention_mask, position_id
     return torch.cat([first_hidden, rest.last_hidden_state], dim=1)  # [B, T, H]
 
 
+def _packed_completion_hidden(decoder, input_ids, attention_mask, P: int):
+    """The rows without their padding, concatenated into one sequence [1, L] (L = the rows' real tokens), one
+    forward; returns (hidden states predicting the C completion tokens [1, C, H], those tokens [1, C], where they
+    go in [B, T] as a bool mask).
+
+    Position ids restart at 0 in every row (the padded path's positions: they follow the attention mask) and the
+    attention mask is None, so transformers reads the row boundaries off the position ids: flash-attention runs
+    its variable-length kernel, sdpa / eager a dense block-diagonal [L, L] mask (exact, but no attention compute
+    saved). `packing_problem` checks that the model's attention
+    really keeps the rows apart. Row i's tokens are columns [P - prompt_i, P + completion_i): a left-padded prompt
+    followed by a right-padded completion, contiguous; completion token t is predicted by the packed token
+    before it, which is in the same row (every row has a prompt token).
+    """
+    keep = attention_mask.bool()  # [B, P + T]
+    if not keep[:, :P].any(1).all():
+        raise ValueError("packing needs at least one prompt token per row")
+    ids = input_ids[keep].unsqueeze(0)  # [1, L] row after row
+    pos = (attention_mask.long().cumsum(-1) - 1)[keep].unsqueeze(0)  # [1, L]
+    flat = keep.flatten().long().cumsum(0).view_as(keep) - 1  # [B, P + T] index in the packed row (where kept)
+    comp = keep[:, P:]  # [B, T]
+    tgt = flat[:, P:][comp]  # [C]
+    hidden = decoder(input_ids=ids, position_ids=pos, attention_mask=None, use_cache=False).last_hidden_state
+    return hidden[:, tgt - 1], ids[:, tgt], comp  # [1, C, H], [1, C], [B, T]
+
+
 def token_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,  # [B, P + T]
@@ -235,6 +260,7 @@ def token_logprobs(
     return_entropy: bool = False,
     top_p: float = 1.0,
     top_k: int = 0,
+    packed: bool = False,
 ) -> TokenLogprobs:
     """Per-token log-probs [B, T] of the completion tokens (columns P..P+T-1), computed chunk-wise over T.
 
@@ -243,6 +269,8 @@ def token_logprobs(
     sorts its [B, chunk, V] logits: about 3x the logits block of extra memory, so lower `chunk_size` for it.
     The entropy is then that of the truncated distribution.
     Position ids follow the attention mask (left padding does not shift positions), as in `generate`.
+    `packed`: the padding-free path (`_packed_completion_hidden`): no compute on padding, the same values; the
+    LM head then runs on the C real completion tokens in chunks of `chunk_size`.
     Works under autograd (training) and under no_grad (old / reference log-probs).
     """
     hf_model, decoder, head = _decoder_and_head(model)
@@ -251,12 +279,15 @@ def token_logprobs(
     T = input_ids.shape[1] - P
     if T < 1:
         raise ValueError(f"no completion tokens: input width {input_ids.shape[1]} <= prompt_len {P}")
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, P + T]
-    hidden = _completion_hidden(hf_model, decoder, input_ids, attention_mask, position_ids, P)  # [B, T, H]
-    targets = input_ids[:, P:]  # [B, T]
+    if packed:
+        hidden, targets, comp = _packed_completion_hidden(decoder, input_ids, attention_mask, P)  # [1, C, H]
+    else:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, P + T]
+        hidden = _completion_hidden(hf_model, decoder, input_ids, attention_mask, position_ids, P)  # [B, T, H]
+        targets = input_ids[:, P:]  # [B, T]
     use_ckpt = torch.is_grad_enabled() and hidden.requires_grad
     logps, ents = [], []
-    for s in range(0, T, chunk_size):
+    for s in range(0, hidden.shape[1], chunk_size):
         args = (head, hidden[:, s : s + chunk_size], targets[:, s : s + chunk_size])
         if use_ckpt:
             lp, en = checkpoint(
@@ -266,10 +297,68 @@ def token_logprobs(
             lp, en = _chunk_logprobs(*args, temperature, softcap, return_entropy, top_k, top_p)
         logps.append(lp)
         ents.append(en)
+    if packed:  # [1, C] back to [B, T], zeros elsewhere
+        def unpack(flat: torch.Tensor) -> torch.Tensor:
+            return flat.new_zeros(comp.shape).masked_scatter(comp, flat)
+
+        logp = unpack(torch.cat(logps, dim=1))
+        ent = unpack(torch.cat(ents, dim=1)) if return_entropy else None
+        return TokenLogprobs(logp, ent)
     mask = attention_mask[:, P:].bool()  # [B, T]
     logp = torch.cat(logps, dim=1).masked_fill(~mask, 0.0)  # [B, T]
     ent = torch.cat(ents, dim=1).masked_fill(~mask, 0.0) if return_entropy else None
     return TokenLogprobs(logp, ent)
+
+
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")  # HF passes them packed rows as varlen cu_seqlens
+
+
+@torch.no_grad()
+def packing_problem(model: torch.nn.Module) -> str | None:
+    """Why the padding-free packed path (`token_logprobs(packed=True)`) should not run on ``model``; None = it
+    should. Two reasons: the attention implementation has no variable-length kernel (sdpa / eager attend over a
+    dense [L, L] block-diagonal mask: exact, but more attention compute than padding saves; flex_attention would
+    recompile for every packed length), or the probe fails:
+    two short rows packed must give the second row the hidden states it has alone (a model whose attention
+    ignores the packed position ids would let it attend to the first). The probe is the same on every rank (a
+    ZeRO-3 forward gathers parameters collectively)."""
+    hf_model = _decoder_and_head(model)[0]
+    impl = getattr(hf_model.config, "_attn_implementation", None)
+    if impl == "flex_attention":
+        return ("flex_attention is compiled for one sequence length at a time (transformers compiles it with "
+                "dynamic=False), so packed micro-batches of ragged lengths would recompile it every step; set "
+                f"model.attn_implementation to one of {', '.join(VARLEN_ATTENTION)}")
+    if impl not in VARLEN_ATTENTION:
+        return (f"the {impl} attention has no variable-length kernel (a packed row would attend over a dense "
+                f"block-diagonal mask: exact, but slower than padding); set model.attn_implementation to one of "
+                f"{', '.join(VARLEN_ATTENTION)}")
+    return packing_probe(model)
+
+
+@torch.no_grad()
+def packing_probe(model: torch.nn.Module) -> str | None:
+    """None if two rows packed into one sequence keep apart (the second row's hidden states equal its own
+    forward's), else what differed."""
+    hf_model, decoder, _ = _decoder_and_head(model)
+    device = next(hf_model.parameters()).device
+    vocab = hf_model.config.vocab_size
+    a = torch.arange(3, device=device).view(1, -1) % vocab + 1  # [1, 3]
+    b = torch.arange(3, 8, device=device).view(1, -1) % vocab + 1  # [1, 5]
+    was_training = hf_model.training
+    hf_model.eval()
+    try:
+        alone = decoder(input_ids=b, use_cache=False).last_hidden_state.float()  # [1, 5, H]
+        pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]], device=device)
+        packed = decoder(input_ids=torch.cat([a, b], 1), position_ids=pos, attention_mask=None,
+                         use_cache=False).last_hidden_state.float()[:, 3:]
+    finally:
+        hf_model.train(was_training)
+    err = float((packed - alone).abs().max() / alone.abs().max().clamp(min=1e-6))
+    tol = 1e-4 if next(hf_model.parameters()).dtype == torch.float32 else 2e-2  # bf16 / fp16: rounding
+    if not err <= tol:
+        return (f"the packing probe failed: a packed row's hidden states differ from its own forward by {err:.2g} "
+                f"(relative; tolerance {tol:g}), so this model's attention does not keep packed rows apart")
+    return None
 
 
 @torch.no_grad()
@@ -286,6 +375,7 @@ def token_logprobs_batched(
     return_entropy: bool = False,
     top_p: float = 1.0,
     top_k: int = 0,
+    packed: bool = False,
 ) -> TokenLogprobs:
     """`token_logprobs` without autograd, `micro_batch_size` rows at a time (old / reference log-probs), or over
     the given ``micro_batches`` (row indices each, e.g. token-budget ones).
@@ -317,6 +407,7 @@ def token_logprobs_batched(
                 return_entropy=return_entropy,
                 top_p=top_p,
                 top_k=top_k,
+                packed=packed,
             )
             logp[rows, :t] = out.logprobs
             if ent is not None:

@@ -176,9 +176,13 @@ def _register_decode_attention() -> None:
 
 @contextlib.contextmanager
 def _decode_attention_on(model: torch.nn.Module):
-    """Use `_decode_attention` for the duration of a rollout when the model runs on `sdpa`."""
+    """Use `_decode_attention` for the duration of a rollout when the model runs on `sdpa` or `flex_attention`.
+
+    flex_attention (chosen for the packed update, loss.packing) pays in training; decoding a padded KV cache with
+    it compiles a kernel per cache length, so rollouts use sdpa's math there (the same attention)."""
     config = model.config
-    if getattr(config, "_attn_implementation", None) != "sdpa":
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in ("sdpa", "flex_attention"):
         yield
         return
     _register_decode_attention()
@@ -186,7 +190,7 @@ def _decode_attention_on(model: torch.nn.Module):
     try:
         yield
     finally:
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = impl
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, width: int | None = None):

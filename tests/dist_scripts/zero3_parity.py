@@ -12,7 +12,7 @@ Rank 0 writes OUT.json (numbers) and OUT.pt (parameters, gathered); the test com
 3. Two optimizer steps of the clipped policy loss on that batch through the trainer's own update
    (`gdpo.update.update_policy`: old log-probs from one no-grad pass, micro-batches of MICRO rows, the global
    token count for token_mean), for seq_mean_token_mean and token_mean, with fixed micro-batches and with
-   token-budget ones. Plus the same two steps in plain torch
+   token-budget ones, and padding-free (packed) token-budget ones. Plus the same two steps in plain torch
    (AdamW, clipping) on the whole batch: the reference that no DeepSpeed code touches.
 4. (N > 1) ZeRO-2, and ZeRO-3 + CPU optimizer offload: one step each.
 5. (N > 1) all-gather collectives during one HFRolloutEngine.generate vs a plain `generate` on the ZeRO-3
@@ -21,6 +21,7 @@ Rank 0 writes OUT.json (numbers) and OUT.pt (parameters, gathered); the test com
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -123,11 +124,12 @@ def main(out: str) -> None:
         with deepspeed.zero.GatheredParameters(list(params.values())):  # no-op unless ZeRO-3 partitioned
             return {k: v.detach().clone() for k, v in params.items()}
 
-    def train(engine, steps: int, aggregation: str, budget: int = 0):
+    def train(engine, steps: int, aggregation: str, budget: int = 0, packed: bool = False):
         """`steps` optimizer steps of the trainer's own update (gdpo.update.update_policy) on this rank's rows:
         old log-probs from one no-grad pass, then one epoch of one minibatch per step, micro-batches of MICRO."""
         plan = plan_batches(prompts_per_step=GROUPS, group_size=G, world_size=world,
                             micro_batch_size=0 if budget else MICRO, max_tokens_per_micro_batch=budget)
+        plan = dataclasses.replace(plan, packed=packed)
         x = TrainTensors(ids[rows], attn[rows], cmask[rows], P, None)
         frozen = frozen_logprobs(engine.module, None, x, need_old=True, plan=plan, temperature=1.0,
                                  chunk_size=128)
@@ -162,10 +164,12 @@ def main(out: str) -> None:
 
     # ---- 1. + 3.
     params = {"init": full_params(tiny_model(tokenizer=tok, seed=0))}
-    # *_budget: token-budget micro-batches (BUDGET tokens: 1-3 rows each, their number differs per rank)
-    runs = (("seq_mean", "seq_mean_token_mean", 0), ("token_mean", "token_mean", 0),
-            ("seq_mean_budget", "seq_mean_token_mean", BUDGET), ("token_mean_budget", "token_mean", BUDGET))
-    for mode, aggregation, budget in runs:
+    # *_budget: token-budget micro-batches (BUDGET tokens: 1-3 rows each, their number differs per rank);
+    # *_packed: padding-free ones (loss.packing) of at most BUDGET real tokens, through sdpa's block-diagonal mask
+    runs = (("seq_mean", "seq_mean_token_mean", 0, False), ("token_mean", "token_mean", 0, False),
+            ("seq_mean_budget", "seq_mean_token_mean", BUDGET, False),
+            ("token_mean_budget", "token_mean", BUDGET, False), ("token_mean_packed", "token_mean", BUDGET, True))
+    for mode, aggregation, budget, packed in runs:
         engine = make_engine(3)
         if mode == "seq_mean":
             ps = list(engine.module.parameters())
@@ -176,7 +180,7 @@ def main(out: str) -> None:
             res["resident_numel"] = all_gather_rows(torch.tensor([sum(p.numel() for p in ps)])).tolist()
             fp32 = sum(t.numel() for t in engine.optimizer.fp32_partitioned_groups_flat)
             res["optimizer_fp32_numel"] = all_gather_rows(torch.tensor([fp32])).tolist()
-        losses, norms, after = train(engine, STEPS, aggregation, budget)
+        losses, norms, after = train(engine, STEPS, aggregation, budget, packed)
         res[f"{mode}/loss"], res[f"{mode}/grad_norm"] = losses, norms
         for s, p in enumerate(after, 1):
             params[f"{mode}/step{s}"] = p

@@ -263,3 +263,24 @@ def test_stops_on_generation_config_eos_the_tokenizer_lacks(tmp_path):
         batch = engine.generate([prompt], n=2)
         assert batch.completion_ids[:, 0].tolist() == [extra, extra]
         assert batch.completion_lengths.tolist() == [1, 1] and batch.truncated.tolist() == [False, False]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_flex_attention_policy_generates_with_sdpa_math(monkeypatch, fast):
+    """model.attn_implementation: flex_attention (for the packed update) must not run flex in rollouts: it would
+    compile a kernel per cache length (minutes on CPU). The rollout uses sdpa's attention, the same tokens."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    prompts = _prompts()
+    runs = {}
+    for impl in ("sdpa", "flex_attention"):
+        model = tiny_model(tokenizer=TOK, seed=0)
+        model.config._attn_implementation = impl
+        calls = []
+        real = ALL_ATTENTION_FUNCTIONS["flex_attention"]
+        monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "flex_attention",
+                            lambda *a, _real=real, _calls=calls, **k: (_calls.append(1), _real(*a, **k))[1])
+        torch.manual_seed(0)
+        runs[impl] = _engine(model, max_new_tokens=8, temperature=1.0, fast_decode=fast).generate(prompts, n=2)
+        assert calls == [] and model.config._attn_implementation == impl  # restored after the rollout
+    assert runs["flex_attention"].completion_ids.equal(runs["sdpa"].completion_ids)
